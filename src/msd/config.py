@@ -1,0 +1,299 @@
+"""Experiment configuration: nested dataclasses, one YAML per experiment, dotted overrides.
+
+    cfg = load_config("configs/x.yaml", ["train.lr=1e-5", "loss.divergence=jsd"])
+
+Every field is documented once, in its `help` metadata; `msd train --help-config` prints them.
+Unknown keys name the closest valid key; wrongly typed values name the field and expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msd.errors import MsdError, closest
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("organism", "Hugging Face hub id or local folder; 'organism' is the embedded model organism (built on first use).")
+    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16.")
+    trust_remote_code: bool = _f(False, "Allow the model repo's own Python code to run. Off unless you trust the repo.")
+    chat_template: str | None = _f(None, "Jinja chat template (a file path or the template text) to use instead of the tokenizer's.")
+    attn_implementation: str | None = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = library default.")
+    enable_thinking: bool = _f(False, "For thinking-mode templates (Qwen3): passed to the chat template. Off: MSD distils the final answer.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(True, "Train a LoRA adapter (teacher = base with the adapter disabled). False = full fine-tuning with a frozen teacher copy.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = _f(0.0, "LoRA dropout.")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names to adapt, or ['all-linear'].")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("organism", "Training queries: a JSONL/CSV file of parallel tuples, 'xsafety', 'multijail', or 'organism'.")
+    languages: list[str] = _f([], "Student languages (codes). Empty = every non-English language in the source.")
+    english: str = _f("en", "Code of the pivot language whose query the teacher is shown.")
+    english_as_student: bool = _f(False, "Also train on English queries (teacher then sees the English query twice). [ours: off]")
+    heldout_fraction: float = _f(0.1, "Share of query ids held out from training (deterministic by id and seed).")
+    limit: int | None = _f(None, "Use at most this many training tuples (after the split).")
+    seed: int = _f(0, "Seed of the train/held-out split.")
+
+
+@dataclass
+class PromptConfig:
+    teacher_context: str = _f("full", "Teacher context: full (target + English query + instruction), english_only, instruction_only.")
+    teacher_template: str | None = _f(None, "Custom teacher template (file path or text) with {query}, {english}, {language}; None = built-in for teacher_context.")
+    system_prompt: str | None = _f(None, "System message for both student and teacher prompts; None = none.")
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = _f(128, "Longest sampled response, in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    top_k: int = _f(0, "Sample only from the k most likely tokens (0 = off).")
+    num_samples: int = _f(1, "Responses sampled per query.")
+    batch_size: int = _f(32, "Prompts per generate call.")
+    backend: str = _f("auto", "Generation backend: auto, hf, compiled (static cache + torch.compile, GPU), vllm (if installed).")
+    merge_lora: bool = _f(True, "Fold the LoRA adapter into the base weights for sampling (no second copy), unfold afterwards.")
+    cache_dir: str | None = _f(None, "Off-policy: where teacher samples are cached; None = <output_dir>/offpolicy_cache.")
+
+
+@dataclass
+class LossConfig:
+    divergence: str = _f("rkl", "Token divergence: rkl = KL(student||teacher) (paper default), fkl, jsd, tvd, akl.")
+    beta: float = _f(0.5, "JSD mixture weight of the teacher.")
+    weighting: str = _f("dpsw", "Token weights: dpsw (paper), uniform, teacher_only, student_only, dpsw_fullvocab.")
+    top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).")
+    chunk_size: int = _f(128, "Response tokens per chunk for the chunked loss (0 = plain, full logits).")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = _f("on_policy", "on_policy (the student samples) or off_policy (the frozen teacher samples once, cached).")
+    output_dir: str = _f("runs/train", "Where checkpoints, logs, the resolved config and the final model go.")
+    lr: float = _f(1e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly.")
+    schedule: str = _f("cosine", "LR decay after warm-up: cosine, linear, constant.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    batch_size: int = _f(8, "Queries per micro-batch per process.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    epochs: int = _f(1, "Passes over the training tuples x languages.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    seed: int = _f(0, "Seed for sampling, shuffling and initialisation.")
+    log_every: int = _f(1, "Log every N optimizer steps.")
+    save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "Keep the last N checkpoints.")
+    max_nonfinite: int = _f(5, "Stop (with a checkpoint) after this many non-finite steps in a row.")
+    save_batch_every: int = _f(0, "Save one training batch (tokens, weights, divergences) every N steps for the token report (0 = only the first step).")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (<output_dir>/tb).")
+    wandb: bool = _f(False, "Also log to Weights & Biases (project from WANDB_PROJECT).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
+    "prompt.teacher_context": {"full", "english_only", "instruction_only"},
+    "rollout.backend": {"auto", "hf", "compiled", "vllm"},
+    "loss.divergence": {"rkl", "fkl", "jsd", "tvd", "akl"},
+    "loss.weighting": {"dpsw", "uniform", "teacher_only", "student_only", "dpsw_fullvocab"},
+    "train.mode": {"on_policy", "off_policy"},
+    "train.schedule": {"cosine", "linear", "constant"},
+    "train.mixed_precision": {"no", "bf16", "fp16"},
+}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _strip_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, key: str, where: str) -> Any:
+    base, optional = _strip_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise MsdError(f"field '{key}' cannot be null", where)
+    bad = MsdError(f"field '{key}' expects {_type_name(tp)}, got {value!r}", where)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if base is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(base)
+        return [_coerce(v, item_tp, key, where) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    base, optional = _strip_optional(tp)
+    name = getattr(base, "__name__", str(base))
+    if typing.get_origin(base) is list:
+        name = f"a list of {typing.get_args(base)[0].__name__}"
+    return f"{name} or null" if optional else name
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for f in dataclasses.fields(obj):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _all_keys(cfg: Config) -> list[str]:
+    keys = []
+    for sname, sf in _fields(cfg).items():
+        keys += [f"{sname}.{k}" for k in _fields(getattr(cfg, sname))]
+    return keys
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "config") -> None:
+    """Set a dotted key ('train.lr') with type checking; unknown keys name the closest one."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _fields(cfg) or parts[1] not in _fields(getattr(cfg, parts[0])):
+        hint = closest(key, _all_keys(cfg))
+        raise MsdError(f"unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""), where)
+    section = getattr(cfg, parts[0])
+    fld = _fields(section)[parts[1]]
+    coerced = _coerce(value, fld.type, key, where)
+    if key in CHOICES and coerced not in CHOICES[key]:
+        raise MsdError(f"field '{key}' must be one of {sorted(CHOICES[key])}, got {coerced!r}", where)
+    setattr(section, parts[1], coerced)
+
+
+def from_dict(data: dict, where: str = "config") -> Config:
+    cfg = Config()
+    if not isinstance(data, dict):
+        raise MsdError("the config must be a mapping of sections (model:, train:, ...)", where)
+    for sname, section in data.items():
+        if sname not in _fields(cfg):
+            hint = closest(str(sname), _fields(cfg))
+            raise MsdError(f"unknown config section '{sname}'" + (f" (did you mean '{hint}'?)" if hint else ""), where)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise MsdError(f"section '{sname}' must be a mapping", where)
+        for k, v in section.items():
+            set_key(cfg, f"{sname}.{k}", v, where)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise MsdError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if path is None:
+        cfg = Config()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise MsdError("config file not found", str(path))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise MsdError(f"invalid YAML ({getattr(e, 'problem', e)})", loc) from None
+        cfg = from_dict(data, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value, where=f"override '{text}'")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe() -> str:
+    """Every config key with its default and help text (for --help-config)."""
+    cfg = Config()
+    lines = []
+    for sname in _fields(cfg):
+        section = getattr(cfg, sname)
+        lines.append(f"{sname}:")
+        for k, f in _fields(section).items():
+            default = getattr(section, k)
+            lines.append(f"  {k} (default {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)
