@@ -1,0 +1,105 @@
+"""The `msd` command: train, eval, demo, report.
+
+Errors in the user's input print one line (`msd: error: <file:line: problem>`) and exit with
+code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from msd.errors import MsdError
+
+COMMANDS = [  # (module providing add_parser, fallback help when its extras are missing)
+    ("msd.eval.cli", "eval"),
+    ("msd.demo", "demo"),
+    ("msd.report", "report"),
+]
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model with MSD from a YAML config",
+        description="Train with Multilingual Self-Distillation. The YAML config has sections "
+                    "model, lora, data, prompt, rollout, loss, train; any key can be overridden "
+                    "as section.key=value (e.g. train.lr=1e-5 loss.divergence=jsd). "
+                    "Run `msd train --help-config` for every key with its default and meaning.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="experiment YAML (default: built-in defaults, i.e. the model organism)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted config overrides applied after the YAML")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the latest checkpoint in train.output_dir (error if none); "
+                        "by default a run resumes automatically when one exists")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start fresh even if train.output_dir holds a checkpoint")
+    p.add_argument("--help-config", action="store_true", help="print every config key and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from msd import config
+
+    if args.help_config:
+        print(config.describe())
+        return 0
+    cfg = config.load_config(args.config, args.overrides)
+    from msd.train import train
+
+    result = train(cfg, progress=not args.quiet, resume=args.resume)
+    print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from msd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="msd",
+        description="Multilingual Self-Distillation: make a chat LLM as safe in low-resource "
+                    "languages as it is in English, from translated queries alone.")
+    parser.add_argument("--version", action="version", version=f"msd {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks for errors (also: MSD_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_parser(sub)
+    for module, name in COMMANDS:
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ImportError as e:
+            p = sub.add_parser(name, help=f"(unavailable: {e})")
+            p.set_defaults(func=lambda args, e=e: _unavailable(e))
+    return parser
+
+
+def _unavailable(e) -> int:
+    raise MsdError(f"this command is unavailable: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("MSD_DEBUG") == "1"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MsdError as e:
+        if debug:
+            raise
+        print(f"msd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Score one batch of responses under the student and teacher prompts and compute the MSD loss.
+
+Both sequences are `left-padded prompt | response | right padding`, so every row's response
+starts at the same column P and the response logits are the positions P-1 .. P+T-2 under both
+prompts: the tokens line up one-to-one by construction. Shapes: B rows, P prompt columns,
+T response tokens, H hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from msd.config import LossConfig
+
+
+@dataclass
+class Batch:
+    ids_BL: torch.Tensor  # prompt + response token ids
+    mask_BL: torch.Tensor  # 1 on real tokens
+    pos_BL: torch.Tensor  # position ids (0 at each row's first real token)
+    prompt_cols: int  # P: response starts at this column
+
+
+def build_inputs(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> Batch:
+    """(B, P+T) inputs: left-padded prompts followed by right-padded responses."""
+    P = max(len(p) for p in prompts)
+    T = max(1, max(len(r) for r in responses))
+    B = len(prompts)
+    ids_BL = torch.full((B, P + T), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros((B, P + T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids_BL[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        mask_BL[i, P - len(p):P] = 1
+        if r:
+            ids_BL[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+            mask_BL[i, P:P + len(r)] = 1
+    pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids_BL.to(device), mask_BL.to(device), pos_BL.to(device), P)
+
+
+def response_mask(responses: list[list[int]], device) -> torch.Tensor:
+    T = max(1, max(len(r) for r in responses))
+    mask_BT = torch.zeros((len(responses), T), dtype=torch.float32)
+    for i, r in enumerate(responses):
+        mask_BT[i, :len(r)] = 1.0
+    return mask_BT.to(device)
+
+
+def output_head(model):
+    """The output projection (lm_head) of a causal LM, through PEFT/DDP wrappers."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP / accelerate wrappers
+        inner = inner.module
+    return inner.get_output_embeddings()
+
+
+def response_hidden(model, batch: Batch, T: int) -> torch.Tensor:
+    """(B, T, H) final hidden states at the positions that predict the T response tokens."""
+    out = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL, position_ids=batch.pos_BL,
+                output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    hidden_BLH = out.hidden_states[-1]
+    P = batch.prompt_cols
+    return hidden_BLH[:, P - 1:P - 1 + T]
+
+
+def response_logits(model, batch: Batch, T: int) -> torch.Tensor:
+    """(B, T, V) logits predicting the T response tokens (only the last T+1 positions are projected)."""
+    out = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL, position_ids=batch.pos_BL,
+                use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, :T]
+
+
+def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, pad_id,
+                   loss_cfg: LossConfig):
+    """The MSD loss of one batch (Eq. 8) and its per-token statistics (`losses.LossOutput`)."""
+    from msd import chunked, losses
+
+    device = next(model.parameters()).device
+    s_batch = build_inputs(student_prompts, responses, pad_id, device)
+    t_batch = build_inputs(teacher_prompts, responses, pad_id, device)
+    mask_BT = response_mask(responses, device)
+    T = mask_BT.shape[1]
+    kw = dict(kind=loss_cfg.divergence, weighting=loss_cfg.weighting, top_k=loss_cfg.top_k,
+              beta=loss_cfg.beta)
+    if loss_cfg.chunk_size > 0:
+        with teacher.scope() as t_model:
+            t_hidden_BTH = response_hidden(t_model, t_batch, T)
+            t_head = output_head(t_model)
+        s_hidden_BTH = response_hidden(model, s_batch, T)
+        return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,
+                                        mask_BT, chunk_size=loss_cfg.chunk_size, **kw)
+    with teacher.scope() as t_model:
+        t_logits_BTV = response_logits(t_model, t_batch, T)
+    s_logits_BTV = response_logits(model, s_batch, T)
+    return losses.msd_loss_with_stats(s_logits_BTV, t_logits_BTV, mask_BT, **kw)
