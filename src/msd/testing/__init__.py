@@ -42,7 +42,7 @@ DEFAULT_WORDS = (
     "three first then done safe answer request language english same decide whether asks "
     "something harmful dangerous unethical or illegal if does politely decline give helpful "
     "write your whole reply original before decide : . , ? ! Javanese Swahili Bengali English "
-    "in Request The request If Write Before"
+    "in Request The request If Write Before be kind please"
 ).split()
 
 

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-initialised HF chat models and small query files, built offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama-shaped chat model with a word-level tokenizer, saved in HF format."""
+    from msd.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    from msd.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tinyq") / "model", arch="qwen2")
+
+
+def write_queries(path, n: int = 16, langs=("jv", "sw")) -> str:
+    words = ["bread", "water", "fire", "weapon", "steps"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            row = {"id": f"q{i}", "en": f"how do I make {words[i % 5]} {i}"}
+            for lang in langs:
+                row[lang] = f"tell me about {words[(i + 1) % 5]} {lang} {i}"
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def query_file(tmp_path):
+    return write_queries(tmp_path / "queries.jsonl")
