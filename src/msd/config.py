@@ -82,7 +82,7 @@ class LossConfig:
     beta: float = _f(0.5, "JSD mixture weight of the teacher.")
     weighting: str = _f("dpsw", "Token weights: dpsw (paper), uniform, teacher_only, student_only, dpsw_fullvocab.")
     top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).")
-    chunk_size: int = _f(128, "Response tokens per chunk for the chunked loss (0 = plain, full logits).")
+    chunk_size: int = _f(64, "Response tokens per chunk for the chunked loss (0 = plain, full logits; use 0 under FSDP/ZeRO-3).")
 
 
 @dataclass
@@ -120,6 +120,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+
+TRAINER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
+                 "per_device_train_batch_size": "batch_size",
+                 "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule"}
 
 CHOICES = {
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
@@ -181,6 +185,9 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
     if base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # YAML reads unquoted no/off/yes/on as booleans
+            raise MsdError(f"field '{key}' expects {_type_name(tp)}, got {value!r} (quote the value: "
+                           f"YAML reads unquoted no, off, yes, on as booleans)", where)
         raise bad
     if typing.get_origin(base) is list:
         if isinstance(value, str):
@@ -220,7 +227,9 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "config") -> None:
     """Set a dotted key ('train.lr') with type checking; unknown keys name the closest one."""
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in _fields(cfg) or parts[1] not in _fields(getattr(cfg, parts[0])):
-        hint = closest(key, _all_keys(cfg))
+        # Names from other trainers (HF TrainingArguments) look nothing like ours: map them first.
+        alias = f"train.{TRAINER_NAMES[parts[-1]]}" if parts[-1] in TRAINER_NAMES else None
+        hint = alias or closest(key, _all_keys(cfg))
         raise MsdError(f"unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""), where)
     section = getattr(cfg, parts[0])
     fld = _fields(section)[parts[1]]
@@ -274,8 +283,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg = from_dict(data, str(path))
     for text in overrides:
         key, value = parse_override(text)
+        if _is_text_field(cfg, key):
+            # Fixed bug: text fields took YAML's reading of the value, so train.mixed_precision=no
+            # became False and a template like 'Request: {query}' a mapping; now taken as typed.
+            value = text.split("=", 1)[1]
         set_key(cfg, key, value, where=f"override '{text}'")
     return cfg
+
+
+def _is_text_field(cfg: Config, key: str) -> bool:
+    section, _, name = key.strip().partition(".")
+    fields = _fields(getattr(cfg, section)) if section in _fields(cfg) else {}
+    return name in fields and _strip_optional(fields[name].type)[0] is str
 
 
 def to_dict(cfg: Config) -> dict:

@@ -84,7 +84,10 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
     T = mask_BT.shape[1]
     kw = dict(kind=loss_cfg.divergence, weighting=loss_cfg.weighting, top_k=loss_cfg.top_k,
               beta=loss_cfg.beta)
-    if loss_cfg.chunk_size > 0:
+    # The chunked loss calls the teacher's head outside `teacher.scope()` (also when the backward
+    # recomputes a chunk), so it is only exact when the head carries no LoRA adapter.
+    head_adapted = hasattr(output_head(model), "lora_A")
+    if loss_cfg.chunk_size > 0 and not head_adapted:
         with teacher.scope() as t_model:
             t_hidden_BTH = response_hidden(t_model, t_batch, T)
             t_head = output_head(t_model)
