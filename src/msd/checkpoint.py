@@ -10,6 +10,8 @@ so a kill mid-write leaves the previous checkpoint intact. Everything is read ba
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from msd.errors import MsdError
@@ -72,6 +75,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     atomic_write_json(tmp / "state.json", {**state, "step": step})
+    for f in tmp.iterdir():  # on disk before the rename publishes the folder (a node crash too)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     final = ckpt_root / f"step_{step}"
     atomic_replace_dir(tmp, final)
     prune(ckpt_root, keep)
@@ -103,6 +112,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json (step, data position, config and its fingerprint)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MsdError(f"cannot read checkpoint state ({type(e).__name__}: {e}); remove this "
+                       "folder to resume from the one before", str(path)) from None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     try:
@@ -111,5 +129,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, json.JSONDecodeError) as e:
-        raise MsdError(f"cannot read checkpoint ({str(e).splitlines()[0]})", str(path)) from None
+    # Fixed bug: a damaged file (SafetensorError, UnpicklingError, EOFError) raised a traceback.
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
+                       "the one before, or start over with --no-resume", str(path)) from None

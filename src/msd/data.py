@@ -89,15 +89,31 @@ def load_jsonl(path: Path) -> list[QueryTuple]:
 def load_csv(path: Path) -> list[QueryTuple]:
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "id" not in reader.fieldnames:
-            raise MsdError("CSV needs a header row with an 'id' column and one column per language", f"{path}:1")
-        for row in reader:
-            line = reader.line_num
-            if None in row:
-                raise MsdError("row has more fields than the header", f"{path}:{line}")
-            out.append(_row_to_tuple({k: v for k, v in row.items()}, f"{path}:{line}"))
+        reader = csv.DictReader(f, strict=True)  # strict: an unclosed quote is an error
+        try:
+            if not reader.fieldnames or "id" not in reader.fieldnames:
+                raise MsdError("CSV needs a header row with an 'id' column and one column per language", f"{path}:1")
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise MsdError("row has more fields than the header", f"{path}:{line}")
+                out.append(_row_to_tuple({k: v for k, v in row.items()}, f"{path}:{line}"))
+        except csv.Error as e:
+            # line_num counts the lines of the rows read whole; the bad row starts after them
+            raise MsdError(f"malformed CSV ({e})", f"{path}:{reader.line_num + 1}") from None
     return out
+
+
+def _check_readable_text(path: Path) -> None:
+    """Fixed bug: an unreadable or non-UTF-8 query file raised a bare traceback."""
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except OSError as e:
+        raise MsdError(f"cannot read query file ({e.strerror or e})", str(path)) from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise MsdError(f"not UTF-8 text (byte {data[e.start]:#04x})", f"{path}:{line}") from None
 
 
 MULTIJAIL_LANGS = ["en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"]
@@ -168,6 +184,7 @@ def load_tuples(source: str, english: str = "en") -> list[QueryTuple]:
     if not path.is_file():
         raise MsdError("query file not found (expected a .jsonl or .csv file, or one of "
                        f"{sorted(BUILTIN_SOURCES) + ['organism']})", source)
+    _check_readable_text(path)
     if path.suffix == ".csv":
         tuples = load_csv(path)
     elif path.suffix in (".jsonl", ".json"):

@@ -46,8 +46,18 @@ for _code, _name, _tier in [
 ALIASES = {"sp": "es"}
 
 
+def _load_synthetic() -> None:
+    """The model organism's synthetic languages register themselves when it is imported."""
+    try:
+        import msd.organism  # noqa: F401
+    except ImportError:
+        pass
+
+
 def get(code: str) -> Language:
     code = ALIASES.get(code, code)
+    if code not in _TABLE:
+        _load_synthetic()
     if code not in _TABLE:
         raise MsdError(f"unknown language code {code!r}; known: {', '.join(sorted(_TABLE))}")
     return _TABLE[code]
@@ -65,6 +75,8 @@ def parse_codes(spec: str | list[str] | tuple[str, ...], where: str | None = Non
         code = ALIASES.get(item.strip(), item.strip())
         if not code:
             continue
+        if code not in _TABLE:
+            _load_synthetic()
         if code not in _TABLE:
             raise MsdError(f"unknown language code {code!r}; known: {', '.join(sorted(_TABLE))}",
                            where)

@@ -40,11 +40,21 @@ def resolve_model_path(name_or_path: str) -> str:
             raise MsdError("model path is a file; expected a Hugging Face model folder", name_or_path)
         if not (path / "config.json").exists():
             raise MsdError("model folder has no config.json", name_or_path)
+        refuse_pickled_weights(path)
         return str(path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
         raise MsdError("model path does not exist", name_or_path)
     return name_or_path  # a hub id
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """Weights are read from safetensors only: unpickling a .bin/.pt file can run code."""
+    pickled = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise MsdError("folder holds only pickled weights (.bin/.pt); msd loads safetensors only, "
+                       "since unpickling can run code. Convert them once, where you trust the "
+                       "file, with save_pretrained(..., safe_serialization=True)", str(folder))
 
 
 def load_tokenizer(path: str, model_cfg: ModelConfig):
@@ -80,6 +90,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, adapter: str | None = None,
 
         if not (Path(adapter) / "adapter_config.json").exists():
             raise MsdError("adapter folder has no adapter_config.json", adapter)
+        refuse_pickled_weights(Path(adapter))
         model = PeftModel.from_pretrained(model, adapter)
     if device is not None:
         model.to(device)

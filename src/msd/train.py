@@ -121,12 +121,15 @@ def offpolicy_samples(cfg: Config, model, teacher: Teacher, tokenizer, items: li
     path = Path(cache_dir) / f"teacher_samples.{fp}.jsonl"
     if accelerator.is_main_process:
         done = {rec["key"]: rec["samples"] for rec in read_jsonl(path)} if path.exists() else {}
-        todo = [it for it in items if it.key not in done]
+        # Fixed bug: chunks were slices of the items *left to do*, so after an interruption
+        # they (and their seeds) shifted and the samples differed from an uninterrupted run.
+        chunk = max(1, r.batch_size)
+        todo = [c for c in range(0, len(items), chunk)
+                if any(it.key not in done for it in items[c:c + chunk])]
         if todo:
             with JsonlWriter(path) as out, teacher.scope() as t_model:
-                chunk = max(1, r.batch_size)
-                for c in range(0, len(todo), chunk):
-                    part = todo[c:c + chunk]
+                for c in todo:
+                    part = items[c:c + chunk]
                     samples = generate(t_model, tokenizer, [it.teacher_ids for it in part],
                                        max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                        top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
@@ -223,12 +226,20 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
     if resume and ckpt is None:
         raise MsdError("--resume given but the output folder holds no checkpoint", str(out_dir))
     if ckpt is not None:
+        # Fixed bug: the config was compared only after loading the weights, so a changed shape
+        # (lora.r) failed with a tensor-size error instead of naming what changed.
+        saved = checkpoint.read_state(ckpt)
+        if saved.get("config_fingerprint") not in (None, fingerprint(_resume_keys(cfg))):
+            raise MsdError("checkpoint was made with a different config"
+                           f"{_changes(saved.get('config'), _resume_keys(cfg))}; use a new "
+                           "train.output_dir", str(ckpt))
         state = checkpoint.load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
-        if state.get("config_fingerprint") not in (None, fingerprint(_resume_keys(cfg))):
-            raise MsdError("checkpoint was made with a different config; use a new output_dir",
-                           str(ckpt))
         start_step = state["step"]
         accelerator.print(f"msd: resuming from {ckpt} (step {start_step} of {total_steps})")
+        if accelerator.is_main_process and (out_dir / "logs.jsonl").exists():
+            # Drop log lines of steps after the checkpoint: they are about to be redone.
+            kept = [rec for rec in read_jsonl(out_dir / "logs.jsonl") if rec.get("step", 0) <= start_step]
+            atomic_write_text(out_dir / "logs.jsonl", "".join(json.dumps(rec) + "\n" for rec in kept))
     if accelerator.is_main_process:
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
 
@@ -251,7 +262,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
     # --- the loop -------------------------------------------------------------------------
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        stats = {"loss": 0.0, "divergence": 0.0, "weight_max": 0.0, "response_len": 0.0,
+        stats = {"loss": 0.0, "divergence": 0.0, "dpsw_weight": 0.0, "weight_max": 0.0, "response_len": 0.0,
                  "refusal_rate": 0.0, "tokens": 0, "gen_s": 0.0}
         batch_ids: list[str] = []
         for micro in range(tc.grad_accum):
@@ -345,10 +356,17 @@ def _resume_keys(cfg: Config) -> dict:
     return d
 
 
+def _changes(old: dict | None, new: dict) -> str:
+    """' (train.lr: 0.001 -> 0.002)': the resume-relevant keys that differ from `old`."""
+    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items()
+            for k, v in sec.items() if old and old.get(s, {}).get(k) != v]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
 def _state(cfg: Config, step: int, cached) -> dict:
     return {"micro_batches_done": step * cfg.train.grad_accum,
             "offpolicy_cache_entries": len(cached) if cached is not None else None,
-            "config_fingerprint": fingerprint(_resume_keys(cfg))}
+            "config_fingerprint": fingerprint(_resume_keys(cfg)), "config": _resume_keys(cfg)}
 
 
 def _grad_norm(params) -> float:
@@ -364,6 +382,8 @@ def _accumulate_stats(stats, out, responses, rows, tokenizer, refusal_check, acc
     stats["loss"] += float(out.loss.detach()) / accum
     stats["divergence"] += float((out.div_BT * mask).sum() / max(n_tok, 1.0)) / accum
     stats["weight_max"] += float(out.w_BT.max(dim=-1).values.mean()) / accum
+    if out.w_raw_BT is not None:  # mean unnormalised DPSW weight w^T * w^S over response tokens
+        stats["dpsw_weight"] += float((out.w_raw_BT * mask).sum() / max(n_tok, 1.0)) / accum
     stats["response_len"] += n_tok / len(responses) / accum
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     stats["refusal_rate"] += sum(refusal_check(t, it.lang) for t, it in zip(texts, rows)) / len(rows) / accum
