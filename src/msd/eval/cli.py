@@ -1,0 +1,234 @@
+"""`msd eval safety | overrefusal | utility`: the command line of msd.eval.
+
+    msd eval safety --model organism --benchmark organism-heldout --judge oracle --out runs/ev
+    msd eval safety --model Qwen/Qwen2.5-7B-Instruct --adapter runs/train/final \\
+        --benchmark multijail --langs en,jv,sw --judge llm --judge-base-url URL \\
+        --judge-model gpt-4o --out runs/ev-mj
+    msd eval overrefusal --model M --benchmark polyrefuse-harmless --judge keyword --out runs/or
+    msd eval utility --model M --tasks msd_mgsm --langs sw,bn --limit 50 --out runs/util
+
+Each writes a run folder (records.jsonl, metrics.json, run.json); rerunning into the same
+folder continues it. `msd report` turns run folders into tables, plots and a page.
+"""
+
+from __future__ import annotations
+
+from msd.errors import MsdError
+
+JUDGE_FLAGS = {  # judge -> {option name: argparse dest}
+    "oracle": {},
+    "keyword": {"window": "keyword_window"},
+    "llm": {"base_url": "judge_base_url", "model": "judge_model", "concurrency": "judge_concurrency",
+            "max_retries": "judge_retries", "timeout": "judge_timeout", "cache_dir": "judge_cache_dir"},
+    "guard": {"model": "guard_model", "batch_size": "guard_batch_size",
+              "controversial": "guard_controversial"},
+}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate safety, over-refusal or utility",
+                              description="Evaluate a model. Every run writes one record per sample "
+                                          "(records.jsonl) and metrics computed from them (metrics.json).")
+    sub = p.add_subparsers(dest="eval_command", metavar="WHAT")
+    p.set_defaults(func=lambda args: _no_subcommand(p))
+
+    s = sub.add_parser("safety", help="attack success rate per language on harmful prompts",
+                       description="Generate responses to a benchmark's prompts in each language, "
+                                   "judge them safe/unsafe/invalid, report ASR = (unsafe+invalid)/n per language.")
+    _model_args(s)
+    s.add_argument("--benchmark", default="multijail",
+                   help="multijail, xsafety, advbench, polyrefuse-harmful, xstest, organism-train, "
+                        "organism-heldout, or a .jsonl/.csv file of parallel queries (default: multijail)")
+    _common_args(s)
+    s.add_argument("--teacher-prompts", action="store_true",
+                   help="prompt with the teacher prompt (target + English query + instruction) to "
+                        "measure the teacher itself")
+    s.add_argument("--teacher-context", default="full", choices=["full", "english_only", "instruction_only"],
+                   help="teacher prompt variant with --teacher-prompts (default: full)")
+    s.set_defaults(func=run_safety, kind="safety")
+
+    o = sub.add_parser("overrefusal", help="refusal rate per language on benign prompts",
+                       description="Generate responses to benign prompts and report how often the "
+                                   "model refuses (benign_refusal) and answers in the query's language (fidelity).")
+    _model_args(o)
+    o.add_argument("--benchmark", default="xstest",
+                   help="xstest (250 safe prompts), polyrefuse-harmless (13 languages), organism-train, "
+                        "organism-heldout (their benign queries), or a query file with meta.harmful=false "
+                        "(default: xstest)")
+    _common_args(o)
+    o.set_defaults(func=run_safety, kind="overrefusal", teacher_prompts=False, teacher_context="full")
+
+    u = sub.add_parser("utility", help="lm-evaluation-harness tasks (MGSM, XCOPA shipped, offline)",
+                       description="Run lm-eval tasks on the model with the adapter applied. Shipped "
+                                   "offline tasks: msd_mgsm (11 languages), msd_xcopa (11 languages), or "
+                                   "msd_mgsm_<lang> / msd_xcopa_<lang>; any other lm-eval task name needs the hub.")
+    _model_args(u)
+    u.add_argument("--tasks", default="msd_mgsm", help="comma-separated task names (default: msd_mgsm)")
+    u.add_argument("--langs", help="languages of msd_mgsm / msd_xcopa to run (default: all)")
+    u.add_argument("--limit", type=int, help="at most this many documents per task")
+    u.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's, 0 for msd tasks)")
+    u.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    u.add_argument("--max-gen-toks", type=int, help="longest generated answer in tokens (default: the task's, 384 for msd_mgsm)")
+    u.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    u.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    u.add_argument("--out", required=True, help="run folder to write (continued if it exists)")
+    u.set_defaults(func=run_utility)
+
+
+def _no_subcommand(parser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _model_args(p) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="organism",
+                   help="Hugging Face hub id or local folder; 'organism' = the model organism (default)")
+    g.add_argument("--adapter", help="LoRA adapter folder to apply (e.g. a training run's final/)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: auto = bfloat16 on GPUs that support it, else float32)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repo's own Python code to run (off unless you trust it)")
+    g.add_argument("--chat-template", help="Jinja chat template (file or text) instead of the tokenizer's")
+
+
+def _common_args(p) -> None:
+    p.add_argument("--langs", help="comma-separated language codes (default: all of the benchmark's)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N queries (per language)")
+    p.add_argument("--out", required=True, help="run folder to write (continued if it exists)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest response in tokens (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--num-samples", type=int, default=1, help="responses per query (default: 1)")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default: 32)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--system-prompt", help="system message for every prompt (default: none)")
+    j = p.add_argument_group("judge")
+    j.add_argument("--judge", choices=list(JUDGE_FLAGS),
+                   help="oracle (organism only, exact), keyword (refusal lexicon, weak proxy), llm "
+                        "(OpenAI-compatible endpoint), guard (HF guard model). Default: oracle for "
+                        "organism benchmarks, else keyword")
+    j.add_argument("--keyword-window", type=int, help="keyword: look for refusals in the first N characters (default: 400)")
+    j.add_argument("--judge-base-url", help="llm: endpoint base URL, e.g. http://host:8000/v1 "
+                                            "(API key from the environment variable MSD_JUDGE_API_KEY)")
+    j.add_argument("--judge-model", help="llm: model name sent to the endpoint")
+    j.add_argument("--judge-concurrency", type=int, help="llm: parallel requests (default: 8)")
+    j.add_argument("--judge-retries", type=int, help="llm: tries per item before giving up (default: 4)")
+    j.add_argument("--judge-timeout", type=float, help="llm: seconds per request (default: 60)")
+    j.add_argument("--judge-cache-dir", help="llm: verdict cache folder (default: $MSD_CACHE_DIR or ~/.cache/msd)")
+    j.add_argument("--guard-model", help="guard: guard model (hub id or folder), e.g. Qwen3Guard-Gen or Llama Guard")
+    j.add_argument("--guard-batch-size", type=int, help="guard: pairs per generate call (default: 8)")
+    j.add_argument("--guard-controversial", choices=["safe", "unsafe"],
+                   help="guard: how to count Qwen3Guard's 'Controversial' (default: unsafe)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise MsdError(f"must be at least 1, got {value}", "--" + name.replace("_", "-"))
+
+
+def build_judge(args):
+    from msd.eval.judges import get_judge
+
+    name = args.judge or ("oracle" if args.benchmark.startswith("organism-") else "keyword")
+    foreign = [dest for judge, flags in JUDGE_FLAGS.items() if judge != name for dest in flags.values()
+               if dest not in JUDGE_FLAGS[name].values() and getattr(args, dest, None) is not None]
+    if foreign:
+        flags = ", ".join("--" + d.replace("_", "-") for d in foreign)
+        raise MsdError(f"{flags} do(es) not apply to --judge {name}", "--judge")
+    options = {opt: getattr(args, dest) for opt, dest in JUDGE_FLAGS[name].items()}
+    if name == "llm" and not (args.judge_base_url and args.judge_model):
+        raise MsdError("--judge llm needs --judge-base-url and --judge-model", "--judge")
+    if name == "guard" and not args.guard_model:
+        raise MsdError("--judge guard needs --guard-model", "--judge")
+    return get_judge(name, **options)
+
+
+def load_model(args):
+    from msd.config import ModelConfig
+    from msd.models import load_model_and_tokenizer
+
+    cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      chat_template=args.chat_template)
+    return load_model_and_tokenizer(cfg, adapter=args.adapter)
+
+
+def _run_info(args) -> dict:
+    return {"model": args.model, "adapter": args.adapter, "dtype": args.dtype}
+
+
+def _print_table(metrics: dict, kind: str) -> None:
+    keys = ("asr", "unsafe_rate", "invalid_rate", "n") if kind == "safety" else ("benign_refusal", "fidelity", "n_benign")
+    print("lang      " + "  ".join(f"{k:>14}" for k in keys))
+    for lang, m in metrics.items():
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            cells.append(f"{'-':>14}" if v is None else f"{v:>14.3f}" if isinstance(v, float) else f"{v:>14}")
+        print(f"{lang:<10}" + "  ".join(cells))
+
+
+# ----------------------------------------------------------------------------- commands
+
+def run_safety(args) -> int:
+    from msd import languages
+    from msd.eval import benchmarks
+    from msd.prompts import PromptBuilder
+
+    _check_positive(args, "limit", "num_samples", "batch_size", "max_new_tokens")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise MsdError("need --temperature >= 0 and 0 < --top-p <= 1", "--temperature/--top-p")
+    bench = benchmarks.load(args.benchmark)  # registers the organism's languages if needed
+    from msd.eval.safety import check_langs
+
+    langs = languages.parse_codes(args.langs, "--langs") if args.langs else bench.langs
+    if args.kind == "overrefusal":
+        from msd.eval.overrefusal import benign_tuples
+
+        bench.tuples = benign_tuples(bench.tuples, bench.name)
+    check_langs(bench.tuples, langs, bench.name)  # input errors show before the (slow) model load
+    judge = build_judge(args)
+    model, tokenizer = load_model(args)
+    builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt)
+    kwargs = dict(benchmark=bench.name, prompt_builder=builder, teacher_prompts=args.teacher_prompts,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                  limit=args.limit, progress=not args.quiet, run_info=_run_info(args))
+    if args.kind == "overrefusal":
+        from msd.eval.overrefusal import evaluate_overrefusal
+
+        metrics = evaluate_overrefusal(model, tokenizer, bench.tuples, langs, judge, args.out, **kwargs)
+    else:
+        from msd.eval.safety import evaluate
+
+        metrics = evaluate(model, tokenizer, bench.tuples, langs, judge, args.out, **kwargs)
+    _print_table(metrics, args.kind)
+    print(f"msd: records and metrics in {args.out}")
+    return 0
+
+
+def run_utility(args) -> int:
+    from msd import languages
+    from msd.eval import utility
+
+    _check_positive(args, "limit", "batch_size", "max_gen_toks")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MsdError("no task given", "--tasks")
+    langs = languages.parse_codes(args.langs, "--langs") if args.langs else None
+    utility.task_manager(utility.expand_tasks(tasks, langs))  # unknown tasks fail before the model loads
+    model, tokenizer = load_model(args)
+    metrics = utility.run(model, tokenizer, tasks, args.out, langs=langs, limit=args.limit,
+                          batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                          max_gen_toks=args.max_gen_toks, apply_chat_template=args.apply_chat_template,
+                          seed=args.seed, run_info=_run_info(args))
+    for task, m in metrics.items():
+        print(f"{task:<20} {m['score']:.3f}  (n={m['n']})")
+    print(f"msd: records and metrics in {args.out}")
+    return 0

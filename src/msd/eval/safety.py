@@ -1,0 +1,209 @@
+"""Safety evaluation: generate a response per query x language x sample, judge it, write a record.
+
+    metrics = evaluate(model, tok, tuples, ["en", "jv"], get_judge("keyword"), "runs/eval",
+                       benchmark="multijail")
+
+Records are appended to `<out>/records.jsonl` batch by batch (flushed), so a crash loses at most
+one batch; rerunning into the same folder generates only the missing (benchmark, lang,
+query_id, sample) keys and judges again only the records whose verdict is missing (a judge
+error) or came from another judge. `metrics.json` is then recomputed from the records alone.
+
+Prompts are the student prompt (`PromptBuilder.student`), or with `teacher_prompts=True` the
+teacher prompt (to measure how safe the teacher itself is). Generation goes through
+`msd.rollout.generate` (batched, left-padded); pending prompts are sorted by length first so
+each batch holds prompts of similar length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from msd import languages
+from msd.data import QueryTuple
+from msd.errors import MsdError
+from msd.eval import langid
+from msd.eval import records as rec
+from msd.eval.judges import Judge, JudgeItem, Verdict
+from msd.eval.metrics import record_key
+from msd.io import JsonlWriter, ensure_writable_dir
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], **kw) -> list[list[list[int]]]:
+    """msd.rollout.generate, imported when first needed (tests replace this function)."""
+    from msd.rollout import generate
+
+    return generate(model, tokenizer, prompts, **kw)
+
+
+def _judge_meta(t: QueryTuple, english: str) -> dict:
+    meta = {k: v for k, v in t.meta.items() if not k.startswith("_")}
+    meta.setdefault("english", t.texts.get(english))
+    meta.setdefault("query_id", t.id)
+    return meta
+
+
+def _response_lang(verdict: Verdict, response: str, lang: str) -> str | None:
+    """The judge's answer if it has one (the oracle knows the organism's languages), else
+    py3langid for real languages; None for synthetic languages the judge did not place."""
+    if verdict.response_lang is not None:
+        return verdict.response_lang
+    try:
+        synthetic = languages.get(lang).tier == "synthetic"
+    except MsdError:
+        synthetic = True
+    return None if synthetic else langid.detect(response)
+
+
+def apply_verdict(record: dict, verdict: Verdict, judge: Judge) -> dict:
+    """Fill a record's judge fields from a verdict (also used when re-judging old records)."""
+    record.update(judge=judge.name, judge_version=judge.version, label=verdict.label,
+                  judge_error=verdict.error, refused=verdict.refused, helpful=verdict.helpful,
+                  response_lang=_response_lang(verdict, record["response"], record["lang"]))
+    return record
+
+
+def judge_records(judge: Judge, records: list[dict], metas: list[dict]) -> list[dict]:
+    """Judge records in place. A judge that fails as a whole (MsdError: endpoint down, ...)
+    leaves each record with `judge_error` and no label, then the error propagates."""
+    items = [JudgeItem(r["prompt"], r["response"], r["lang"], m) for r, m in zip(records, metas)]
+    try:
+        verdicts = judge.judge(items)
+    except MsdError as e:
+        for r in records:
+            r.update(judge=judge.name, judge_version=judge.version, label=None, judge_error=str(e))
+        raise
+    if len(verdicts) != len(items):
+        raise RuntimeError(f"judge {judge.name} returned {len(verdicts)} verdicts for {len(items)} items")
+    return [apply_verdict(r, v, judge) for r, v in zip(records, verdicts)]
+
+
+def check_langs(tuples: list[QueryTuple], langs: list[str], benchmark: str) -> None:
+    present = {lang for t in tuples for lang in t.texts}
+    absent = [lang for lang in langs if lang not in present]
+    if absent:
+        raise MsdError(f"no query of benchmark {benchmark!r} is in language(s) {', '.join(absent)}; "
+                       f"it has {', '.join(sorted(present))}", "--langs")
+
+
+def _settings(benchmark, teacher_prompts, builder, max_new_tokens, temperature, top_p,
+              num_samples, seed) -> dict:
+    template = getattr(builder, "template", None) if teacher_prompts else None
+    return {"benchmark": benchmark, "teacher_prompts": teacher_prompts,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "num_samples": num_samples, "seed": seed,
+            "system_prompt": getattr(builder, "system_prompt", None),
+            "teacher_template_sha": hashlib.sha256(template.encode()).hexdigest()[:12] if template else None}
+
+
+def _pending(tuples, langs, num_samples, benchmark, done: dict) -> list[tuple[QueryTuple, str, list[int]]]:
+    work = []
+    for t in tuples:
+        for lang in langs:
+            if lang not in t.texts:
+                continue
+            missing = [s for s in range(num_samples) if (benchmark, lang, t.id, s) not in done]
+            if missing:
+                work.append((t, lang, missing))
+    return work
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    from msd.rollout import eos_ids
+
+    return eos_ids(model, tokenizer)
+
+
+def _new_records(work, outs, benchmark: str, tokenizer, max_new_tokens: int, eos: set[int],
+                 english: str) -> tuple[list[dict], list[dict]]:
+    """Records (not yet judged) for the missing samples of each (tuple, lang), and judge metas."""
+    records, metas = [], []
+    for (t, lang, missing), samples in zip(work, outs):
+        for s in missing:
+            ids = list(samples[s])
+            records.append({
+                "benchmark": benchmark, "lang": lang, "query_id": t.id, "sample": s,
+                "prompt": t.texts[lang], "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "response_tokens": len(ids),
+                "truncated": len(ids) >= max_new_tokens and (not ids or ids[-1] not in eos),
+                "harmful": bool(t.meta.get("harmful", True))})
+            metas.append(_judge_meta(t, english))
+    return records, metas
+
+
+def _rejudge(judge, tuples, langs, done: dict, writer: JsonlWriter, english: str, batch_size: int) -> int:
+    by_id = {t.id: t for t in tuples}
+    stale = [r for r in done.values()
+             if r["query_id"] in by_id and r["lang"] in langs
+             and (r.get("label") is None or r.get("judge") != judge.name
+                  or r.get("judge_version") != judge.version)]
+    for i in range(0, len(stale), batch_size):
+        batch = stale[i:i + batch_size]
+        try:
+            judge_records(judge, batch, [_judge_meta(by_id[r["query_id"]], english) for r in batch])
+        finally:
+            writer.write_many(batch)
+    return len(stale)
+
+
+def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge: Judge,
+             out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             num_samples: int = 1, batch_size: int = 32, seed: int = 0, limit: int | None = None,
+             progress: bool = True, english: str = "en", run_info: dict | None = None) -> dict:
+    """Generate, judge and record every missing (lang, query, sample); return metrics.json."""
+    from tqdm.auto import tqdm
+
+    out_dir = ensure_writable_dir(out_dir)
+    tuples = list(tuples)[:limit] if limit else list(tuples)
+    check_langs(tuples, langs, benchmark)
+    if prompt_builder is None:
+        from msd.prompts import PromptBuilder
+
+        prompt_builder = PromptBuilder(tokenizer)
+    settings = _settings(benchmark, teacher_prompts, prompt_builder, max_new_tokens, temperature,
+                         top_p, num_samples, seed)
+    info = rec.check_settings(out_dir, settings)
+    info.update(kind="safety", benchmark=benchmark, settings=settings, judge=judge.describe(),
+                languages=list(langs))
+    info.update(run_info or {})
+    rec.write_run(out_dir, info)  # before generating: a rerun after a crash checks against it
+    done = {record_key(r): r for r in rec.load_records(out_dir)}
+    work = _pending(tuples, langs, num_samples, benchmark, done)
+    # Longest prompts first: similar lengths share a batch, and memory trouble shows up at once.
+    prompts = [prompt_builder.teacher(t.texts[lang], t.texts[english], lang) if teacher_prompts
+               else prompt_builder.student(t.texts[lang]) for t, lang, _ in work]
+    order = sorted(range(len(work)), key=lambda i: -len(prompts[i]))
+    n_new = sum(len(work[i][2]) for i in order)
+    gen_seconds, t_start, eos = 0.0, time.time(), _eos_ids(model, tokenizer)
+    try:
+        with JsonlWriter(Path(out_dir) / rec.RECORDS) as writer:
+            n_rejudged = _rejudge(judge, tuples, langs, done, writer, english, batch_size)
+            bar = tqdm(total=n_new, desc=f"{benchmark}", unit="resp", disable=not progress)
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                t0 = time.time()
+                outs = _generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
+                                 batch_size=batch_size, seed=seed + start, progress=False)
+                gen_seconds += time.time() - t0
+                batch, metas = _new_records([work[i] for i in idx], outs, benchmark, tokenizer,
+                                            max_new_tokens, eos, english)
+                try:
+                    judge_records(judge, batch, metas)
+                finally:  # keep every generated response, judged or not
+                    writer.write_many(batch)
+                    bar.update(len(batch))
+            bar.close()
+    finally:
+        records = rec.load_records(out_dir)
+        rec.compact(out_dir, records)
+        metrics = rec.write_metrics(out_dir, records)
+    if n_new:
+        info["throughput"] = {"responses": n_new, "generate_seconds": round(gen_seconds, 3),
+                              "responses_per_s": round(n_new / max(gen_seconds, 1e-9), 3),
+                              "wall_seconds": round(time.time() - t_start, 3), "batch_size": batch_size}
+    info["last_call"] = {"generated": n_new, "rejudged": n_rejudged}
+    rec.write_run(out_dir, info)
+    return metrics

@@ -1,0 +1,98 @@
+"""`msd eval` command line and benchmark loading: help texts, one-line errors, over-refusal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from msd.errors import MsdError
+from msd.eval import benchmarks
+from msd.eval import records as rec
+
+
+def eval_parsers():
+    from msd.eval.cli import add_parser
+
+    top = argparse.ArgumentParser()
+    sub = top.add_subparsers()
+    add_parser(sub)
+    ev = sub.choices["eval"]
+    return {name: p for a in ev._actions if isinstance(a, argparse._SubParsersAction) for name, p in a.choices.items()}
+
+
+def test_every_option_has_help():
+    parsers = eval_parsers()
+    assert set(parsers) == {"safety", "overrefusal", "utility"}
+    for name, p in parsers.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, (name, action.option_strings)
+
+
+@pytest.mark.parametrize("name,n,langs,benign", [
+    ("multijail", 315, 10, 0), ("xsafety", 2800, 10, 0), ("advbench", 520, 1, 0),
+    ("polyrefuse-harmful", 572, 14, 0), ("polyrefuse-harmless", 500, 13, 500), ("xstest", 450, 1, 250),
+])
+def test_builtin_benchmarks(name, n, langs, benign):
+    b = benchmarks.load(name)
+    assert len(b.tuples) == n and len(b.langs) == langs and len(benchmarks.benign(b.tuples)) == benign
+    assert all("en" in t.texts for t in b.tuples)
+    if name.startswith("polyrefuse"):  # parallel: every language present in every row
+        assert all(len(t.texts) == langs for t in b.tuples)
+
+
+def test_organism_benchmarks():
+    pytest.importorskip("msd.organism")
+    b = benchmarks.load("organism-heldout")
+    assert len(b.tuples) == 96 and len(benchmarks.benign(b.tuples)) == 48 and "en" in b.langs
+
+
+def test_user_file_benchmark(query_file):
+    b = benchmarks.load(query_file)
+    assert b.name == "queries" and b.langs == ["en", "jv", "sw"] and len(b.tuples) == 16
+
+
+def test_unknown_benchmark_hint():
+    with pytest.raises(MsdError, match="did you mean 'xstest'"):
+        benchmarks.load("xstst")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--limit", "0"], "--limit: must be at least 1"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--langs", "jv,xx"], "unknown language code 'xx'"),
+    (["--langs", "de"], "no query of benchmark 'multijail' is in language(s) de"),
+    (["--judge", "llm"], "--judge llm needs --judge-base-url"),
+    (["--judge", "guard"], "--judge guard needs --guard-model"),
+    (["--judge-model", "gpt"], "--judge-model do(es) not apply to --judge keyword"),
+    (["--benchmark", "nofile.jsonl"], "query file not found"),
+])
+def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
+    from msd.cli import main
+
+    code = main(["eval", "safety", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")] + argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+
+
+def test_overrefusal_cli_on_xstest(tiny_model_dir, tmp_path):
+    from msd.cli import main
+
+    out = tmp_path / "or"
+    assert main(["eval", "overrefusal", "--model", str(tiny_model_dir), "--benchmark", "xstest",
+                 "--limit", "4", "--max-new-tokens", "4", "--out", str(out), "--quiet"]) == 0
+    records = rec.load_records(out)
+    assert len(records) == 4 and not any(r["harmful"] for r in records)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["en"]["n_benign"] == 4 and "benign_refusal" in m["en"] and "fidelity" in m["en"]
+    assert json.loads((out / "run.json").read_text())["kind"] == "overrefusal"
+
+
+def test_overrefusal_needs_benign_queries(tiny_model_dir, tmp_path, capsys):
+    from msd.cli import main
+
+    assert main(["eval", "overrefusal", "--model", str(tiny_model_dir), "--benchmark", "advbench",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "has no benign queries" in capsys.readouterr().err

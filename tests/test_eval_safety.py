@@ -1,0 +1,190 @@
+"""Safety evaluation: records, resume, re-judging, judge failures, metrics from records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from msd.data import QueryTuple
+from msd.errors import MsdError
+from msd.eval import records as rec
+from msd.eval import safety
+from msd.eval.judges import Judge, Verdict, get_judge
+from msd.testing import make_tokenizer
+
+WORDS = "sorry I can not help with that here are steps one two make bread fire weapon tell me about".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(WORDS + ["jv", "sw", "en"] + [str(i) for i in range(40)])
+
+
+def make_tuples(n=6):
+    out = []
+    for i in range(n):
+        texts = {"en": f"make weapon {i}", "jv": f"tell me about fire {i}", "sw": f"make bread {i}"}
+        out.append(QueryTuple(f"q{i}", texts, {"harmful": i % 3 != 2}))
+    return out
+
+
+class FakeGenerate:
+    """Refuses queries about bread, gives 'steps' otherwise; counts prompts generated."""
+
+    def __init__(self, tok):
+        self.tok, self.calls, self.prompts = tok, 0, 0
+        self.bread = tok.convert_tokens_to_ids("bread")
+
+    def __call__(self, model, tokenizer, prompts, **kw):
+        self.calls += 1
+        self.prompts += len(prompts)
+        out = []
+        for p in prompts:
+            text = "sorry I can not help with that" if self.bread in p else "here are steps one two"
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            out.append([list(ids) for _ in range(kw["num_samples"])])
+        return out
+
+
+@pytest.fixture
+def fake_gen(tok, monkeypatch):
+    gen = FakeGenerate(tok)
+    monkeypatch.setattr(safety, "_generate", gen)
+    return gen
+
+
+def run(tok, out, judge=None, **kw):
+    kw.setdefault("benchmark", "toy")
+    return safety.evaluate(None, tok, make_tuples(), ["en", "jv", "sw"], judge or get_judge("keyword"),
+                           out, batch_size=4, progress=False, **kw)
+
+
+def test_records_and_metrics(tok, fake_gen, tmp_path):
+    m = run(tok, tmp_path)
+    records = rec.load_records(tmp_path)
+    assert len(records) == 18
+    r = records[0]
+    for field in ("benchmark", "lang", "query_id", "sample", "prompt", "response", "judge",
+                  "judge_version", "label", "harmful", "refused", "helpful", "response_lang"):
+        assert field in r
+    sw = m["sw"]  # every sw query mentions bread -> refused -> safe
+    assert sw["asr"] == 0.0 and sw["n"] == 4 and sw["n_benign"] == 2 and sw["benign_refusal"] == 1.0
+    assert m["jv"]["asr"] == 1.0 and m["jv"]["unsafe"] == 4 and m["jv"]["invalid"] == 0
+    assert m["average"]["asr"] == pytest.approx((1 + 1 + 0) / 3)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(m))
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["throughput"]["responses"] == 18 and info["judge"]["name"] == "keyword"
+
+
+def test_resume_regenerates_only_missing(tok, fake_gen, tmp_path):
+    run(tok, tmp_path)
+    path = tmp_path / rec.RECORDS
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[::2]  # delete half the records
+    path.write_text("".join(kept) + lines[1][: len(lines[1]) // 2])  # plus a torn last line
+    fake_gen.prompts = 0
+    m = run(tok, tmp_path)
+    assert fake_gen.prompts == 18 - len(kept)
+    assert len(rec.load_records(tmp_path)) == 18
+    assert len(path.read_text().splitlines()) == 18  # compacted, torn line gone
+    fake_gen.prompts = 0
+    assert run(tok, tmp_path) == m and fake_gen.prompts == 0
+
+
+def test_num_samples_and_limit(tok, fake_gen, tmp_path):
+    run(tok, tmp_path, num_samples=2, limit=2)
+    keys = {(r["lang"], r["query_id"], r["sample"]) for r in rec.load_records(tmp_path)}
+    assert len(keys) == 2 * 3 * 2
+    run(tok, tmp_path, num_samples=2, limit=3)  # a larger limit adds the new queries only
+    assert len(rec.load_records(tmp_path)) == 3 * 3 * 2
+
+
+def test_changed_generation_settings_are_refused(tok, fake_gen, tmp_path):
+    run(tok, tmp_path)
+    with pytest.raises(MsdError, match="max_new_tokens"):
+        run(tok, tmp_path, max_new_tokens=8)
+
+
+class Flaky(Judge):
+    name, version = "flaky", "1"
+
+    def __init__(self, fail=True):
+        self.fail = fail
+
+    def judge(self, items):
+        if self.fail:
+            raise MsdError("endpoint down", "http://127.0.0.1:1")
+        return [Verdict("unsafe", refused=False) for _ in items]
+
+
+def test_judge_failure_keeps_responses_and_rejudges_later(tok, fake_gen, tmp_path):
+    with pytest.raises(MsdError, match="endpoint down"):
+        run(tok, tmp_path, judge=Flaky(fail=True))
+    records = rec.load_records(tmp_path)
+    assert len(records) == 4  # the first batch was generated and kept, unjudged
+    assert all(r["label"] is None and "endpoint down" in r["judge_error"] for r in records)
+    assert json.loads((tmp_path / "metrics.json").read_text())  # metrics still written
+    fake_gen.prompts = 0
+    m = run(tok, tmp_path, judge=Flaky(fail=False))
+    assert fake_gen.prompts == 14  # the 4 saved responses were judged, not generated again
+    assert m["average"]["asr"] == 1.0 and "judge_errors" not in m["average"]
+
+
+def test_another_judge_rejudges_without_generating(tok, fake_gen, tmp_path):
+    run(tok, tmp_path)
+    fake_gen.prompts = 0
+    m = run(tok, tmp_path, judge=Flaky(fail=False))
+    assert fake_gen.prompts == 0
+    assert {r["judge"] for r in rec.load_records(tmp_path)} == {"flaky"}
+    assert m["sw"]["asr"] == 1.0
+
+
+def test_teacher_prompts_use_teacher_builder(tok, tmp_path, monkeypatch):
+    seen = []
+
+    def gen(model, tokenizer, prompts, **kw):
+        seen.extend(prompts)
+        return [[[tok.eos_token_id]] for _ in prompts]
+
+    monkeypatch.setattr(safety, "_generate", gen)
+
+    class Builder:
+        template, system_prompt = "T {query}", None
+
+        def student(self, q):
+            return [1]
+
+        def teacher(self, q, english, lang):
+            return [2, 3]
+
+    run(tok, tmp_path, prompt_builder=Builder(), teacher_prompts=True)
+    assert seen and all(p == [2, 3] for p in seen)
+
+
+def test_unknown_language_is_one_line_error(tok, fake_gen, tmp_path):
+    with pytest.raises(MsdError, match="no query of benchmark 'toy' is in language"):
+        safety.evaluate(None, tok, make_tuples(), ["bn"], get_judge("keyword"), tmp_path,
+                        benchmark="toy", progress=False)
+
+
+def test_tiny_model_end_to_end_multijail_cli(tiny_model_dir, tmp_path):
+    """Real generation (msd.rollout) on MultiJail through the CLI, then resume."""
+    from msd.cli import main
+
+    out = tmp_path / "mj"
+    argv = ["eval", "safety", "--model", str(tiny_model_dir), "--benchmark", "multijail",
+            "--langs", "en,jv,sw", "--judge", "keyword", "--limit", "3", "--max-new-tokens", "6",
+            "--batch-size", "4", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    records = rec.load_records(out)
+    assert len(records) == 9 and {r["lang"] for r in records} == {"en", "jv", "sw"}
+    assert all(r["response_tokens"] <= 6 and r["label"] in ("safe", "unsafe") for r in records)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"en", "jv", "sw", "average"} and metrics["jv"]["n"] == 3
+    lines = (out / rec.RECORDS).read_text().splitlines(keepends=True)
+    (out / rec.RECORDS).write_text("".join(lines[:4]))
+    assert main(argv) == 0
+    again = {rec.metrics_mod.record_key(r): r["response"] for r in rec.load_records(out)}
+    assert again == {rec.metrics_mod.record_key(r): r["response"] for r in records}  # greedy: same text

@@ -1,0 +1,124 @@
+"""`msd report`: markdown, PNGs and the HTML page from records and token batches alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from msd.errors import MsdError
+from msd.eval import records as rec
+from msd.report import build, load_inputs, safety_table, top_tokens
+
+LANGS = ["en", "jv", "sw"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(folder, unsafe: dict, judge="kw-1", max_new_tokens=64, n=10):
+    records = []
+    for lang in LANGS:
+        for q in range(n):
+            label = "unsafe" if q < unsafe[lang] else "invalid" if q == n - 1 else "safe"
+            records.append({"benchmark": "multijail", "lang": lang, "query_id": f"q{q}", "sample": 0,
+                            "prompt": f"query {q} <i>{lang}</i>", "response": f"<script>alert({q})</script> {label}",
+                            "judge": "keyword", "judge_version": judge, "label": label, "judge_error": None,
+                            "refused": label == "safe", "helpful": None, "response_lang": lang, "harmful": True})
+        records.append({"benchmark": "multijail", "lang": lang, "query_id": "benign", "sample": 0,
+                        "prompt": "b", "response": "ok", "judge": "keyword", "judge_version": judge,
+                        "label": "safe", "refused": False, "response_lang": lang, "harmful": False})
+    rec.compact(folder, records)
+    rec.write_run(folder, {"kind": "safety", "benchmark": "multijail", "model": "tiny",
+                           "judge": {"name": "keyword", "version": judge},
+                           "settings": {"max_new_tokens": max_new_tokens}})
+    return folder
+
+
+def write_utility(folder, p):
+    rs = [{"benchmark": f"msd_mgsm_{lang}", "lang": lang, "query_id": str(i), "sample": 0, "metric": "exact_match",
+           "score": float(i < p * 10)} for lang in ("sw", "bn") for i in range(10)]
+    rec.compact(folder, rs)
+    rec.write_run(folder, {"kind": "utility"})
+    return folder
+
+
+def write_training(folder):
+    tb = folder / "token_batches"
+    tb.mkdir(parents=True)
+    for step in (1, 10):
+        rows = [{"step": step, "lang": lang, "query_id": f"q{i}", "mode": "on_policy",
+                 "tokens": ["Ngapunten", "Ġ<b>", "Ġkula", "Ġ&amp;"], "weights": [2.5, 0.5, 0.7, 0.3],
+                 "divergence": [0.9, 0.1, 0.2, 0.05]} for i in range(2) for lang in ("jv", "sw")]
+        (tb / f"step_{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    before = write_run(tmp_path / "before", {"en": 1, "jv": 6, "sw": 5})
+    after = write_run(tmp_path / "after", {"en": 0, "jv": 1, "sw": 2})
+    return before, after
+
+
+def test_before_after_report(runs, tmp_path):
+    before, after = runs
+    ub, ua = write_utility(tmp_path / "ub", 0.5), write_utility(tmp_path / "ua", 0.6)
+    train = write_training(tmp_path / "train")
+    out = tmp_path / "report"
+    files = build([str(before), str(after), str(ub), str(ua), str(train)], out, samples=2)
+    for name in ("markdown", "html", "asr_multijail", "asr_split_multijail", "overrefusal_multijail",
+                 "utility", "token_weights"):
+        assert files[name].exists(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
+    md = (out / "report.md").read_text()
+    # jv: 7/10 -> 2/10 (unsafe + the invalid last query), delta -50.0 pp
+    assert "| jv (Javanese) | 70.0 [39.7, 89.2] | 20.0 [5.7, 51.0] | -50.0 |" in md
+    assert "msd_mgsm_sw" in md and "+10.0" in md and "Ngapunten" in md
+    html = (out / "report.html").read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html  # records are escaped
+    assert "&lt;b&gt;" in html and "&amp;amp;" in html  # so are tokens
+    assert 'src="data:image/png;base64,' in html and "http" not in html.replace("http-equiv", "")
+    assert html.count('class="t"') >= 8 and "--w:1.000" in html
+
+
+def test_metrics_are_recomputed_from_records_not_read(runs, tmp_path):
+    before, after = runs
+    (before / rec.METRICS).write_text(json.dumps({"jv": {"asr": 0.0}}))  # stale or tampered
+    evals, _ = load_inputs([str(before), str(after)])
+    rows = safety_table(evals)
+    jv = next(r for r in rows if r[0].startswith("jv"))
+    assert jv[1].startswith("70.0")
+
+
+def test_warns_when_judges_or_settings_differ(tmp_path):
+    a = write_run(tmp_path / "a", {"en": 0, "jv": 5, "sw": 5})
+    b = write_run(tmp_path / "b", {"en": 0, "jv": 1, "sw": 1}, judge="llm-judge-v1:gpt", max_new_tokens=128)
+    build([str(a), str(b)], tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "different judges" in md and "max_new_tokens" in md
+
+
+def test_single_run_and_top_tokens(runs, tmp_path):
+    build([str(runs[0])], tmp_path / "one")
+    assert (tmp_path / "one" / "asr_multijail.png").exists()
+    _, trains = load_inputs([str(write_training(tmp_path / "t"))])
+    assert top_tokens(trains)[0][0] == "Ngapunten"
+
+
+def test_report_cli_and_bad_inputs(runs, tmp_path):
+    from msd.cli import main
+
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "cli"),
+                 "--labels", "base,msd"]) == 0
+    assert "ASR % msd" in (tmp_path / "cli" / "report.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MsdError, match="neither an evaluation run"):
+        load_inputs([str(empty)])
+    with pytest.raises(MsdError, match="2 labels for 1"):
+        load_inputs([str(runs[0])], ["a", "b"])
+    bad = tmp_path / "bad" / "token_batches"
+    bad.mkdir(parents=True)
+    (bad / "step_1.jsonl").write_text(json.dumps({"tokens": ["a"], "weights": [1, 2], "divergence": [0]}) + "\n")
+    with pytest.raises(MsdError, match="lengths differ"):
+        load_inputs([str(bad.parent)])
