@@ -10,12 +10,12 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from msd import languages
 from msd.errors import MsdError
+from msd.io import read_jsonl_numbered
 
 RESOURCES = Path(__file__).parent / "resources" / "data"
 
@@ -71,19 +71,8 @@ def _row_to_tuple(row: dict, where: str) -> QueryTuple:
 
 
 def load_jsonl(path: Path) -> list[QueryTuple]:
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MsdError(f"malformed JSON ({e.msg})", f"{path}:{i}") from None
-            if not isinstance(row, dict):
-                raise MsdError("expected a JSON object", f"{path}:{i}")
-            out.append(_row_to_tuple(row, f"{path}:{i}"))
-    return out
+    return [_row_to_tuple(row, f"{path}:{i}")
+            for i, row in read_jsonl_numbered(path, tolerate_torn_tail=False)]
 
 
 def load_csv(path: Path) -> list[QueryTuple]:

@@ -26,19 +26,9 @@ def _umask_mode() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text needs str, got {type(text).__name__}")
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -75,6 +65,12 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 
 
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[dict]:
+    """Yield the objects of a JSONL file (see `read_jsonl_numbered`)."""
+    for _, obj in read_jsonl_numbered(path, tolerate_torn_tail=tolerate_torn_tail):
+        yield obj
+
+
+def read_jsonl_numbered(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[tuple[int, dict]]:
     """Yield the objects of a JSONL file.
 
     A malformed *last* line without a newline is the mark of a crash mid-write: it is dropped
@@ -101,7 +97,7 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> I
             raise MsdError(f"malformed JSON ({e.msg})", f"{path}:{i}") from None
         if not isinstance(obj, dict):
             raise MsdError("expected a JSON object on each line", f"{path}:{i}")
-        yield obj
+        yield i, obj
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:
