@@ -122,6 +122,9 @@ class Teacher:
     def __init__(self, model, frozen_copy=None):
         self.model = model
         self.frozen = frozen_copy
+        # FSDP / ZeRO-3 shard the weights: forward through the engine's wrapper, which gathers
+        # them, with the adapter disabled on the inner model (set by train after prepare).
+        self.wrapped = None
 
     @classmethod
     def for_model(cls, model) -> "Teacher":
@@ -143,7 +146,7 @@ class Teacher:
         self.model.eval()
         try:
             with torch.no_grad(), self.model.disable_adapter():
-                yield self.model
+                yield self.wrapped if self.wrapped is not None else self.model
         finally:
             self.model.train(was_training)
 

@@ -10,9 +10,11 @@ On-policy and off-policy share everything but where the responses come from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from msd.errors import MsdError
 from msd.io import JsonlWriter, atomic_write_text, ensure_writable_dir, read_jsonl
 from msd.models import Teacher, apply_lora, is_peft, load_model_and_tokenizer
 from msd.prompts import PromptBuilder
-from msd.rollout import generate
+from msd.rollout import full_weights, generate
 from msd.scoring import msd_batch_loss
 
 
@@ -119,6 +121,9 @@ def offpolicy_samples(cfg: Config, model, teacher: Teacher, tokenizer, items: li
                       "rollout": [r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.num_samples],
                       "seed": cfg.train.seed})
     path = Path(cache_dir) / f"teacher_samples.{fp}.jsonl"
+    if _shards_weights(accelerator) and not path.exists():  # rank 0 alone cannot run a sharded model
+        raise MsdError("off-policy under FSDP / ZeRO-3: build the teacher-sample cache first in one "
+                       "process with the same rollout settings (see docs/PERFORMANCE.md)", str(path))
     if accelerator.is_main_process:
         done = {rec["key"]: rec["samples"] for rec in read_jsonl(path)} if path.exists() else {}
         # Fixed bug: chunks were slices of the items *left to do*, so after an interruption
@@ -183,7 +188,17 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
     from accelerate.utils import set_seed
 
     tc, r = cfg.train, cfg.rollout
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    world_vars = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+            and not any(v in os.environ for v in world_vars):  # --cpu without mpirun: one process
+        raise MsdError("`accelerate launch --cpu --num_processes N` starts a single process; for N "
+                       "CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo "
+                       "without GPUs) or --config_file configs/accelerate/cpu_ddp.yaml")
+    # Several processes without a GPU (torchrun / accelerate's --multi_gpu launcher): accelerate
+    # picks DDP over gloo only when told cpu=True; otherwise every process trains alone.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                              cpu=cpu_ddp)
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = ensure_writable_dir(tc.output_dir)
     set_seed(tc.seed)
@@ -219,6 +234,12 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    sharded, loss_cfg = _shards_weights(accelerator), cfg.loss
+    if sharded:  # FSDP / ZeRO-3: weights exist only inside the wrapper's forward
+        teacher.wrapped = model if teacher.frozen is None else None
+        if loss_cfg.chunk_size:  # the chunked loss calls lm_head outside forward
+            warnings.warn("FSDP / ZeRO-3: loss.chunk_size set to 0 (full logits)")
+            loss_cfg = dataclasses.replace(loss_cfg, chunk_size=0)
 
     # --- resume ---------------------------------------------------------------------------
     start_step = 0
@@ -272,12 +293,13 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
             if cached is not None:
                 responses = [s for it in batch for s in cached[it.key]]
             else:
-                samples = generate(unwrapped, tokenizer, [it.student_ids for it in batch],
-                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                   top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
-                                   batch_size=r.batch_size,
-                                   seed=(tc.seed * 1_000_003 + step * tc.grad_accum + micro) * world + rank,
-                                   merge_lora=r.merge_lora, backend=r.backend)
+                with full_weights(model):
+                    samples = generate(unwrapped, tokenizer, [it.student_ids for it in batch],
+                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                       top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
+                                       batch_size=r.batch_size,
+                                       seed=(tc.seed * 1_000_003 + step * tc.grad_accum + micro) * world + rank,
+                                       merge_lora=r.merge_lora, backend=r.backend, sharded=sharded)
                 responses = [s for per_query in samples for s in per_query]
             stats["gen_s"] += time.perf_counter() - tg
             rows = [it for it in batch for _ in range(len(responses) // len(batch))]
@@ -285,7 +307,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
             with accelerator.accumulate(model):
                 out = msd_batch_loss(model, teacher, [it.student_ids for it in rows],
                                      [it.teacher_ids for it in rows], responses,
-                                     tokenizer.pad_token_id, cfg.loss)
+                                     tokenizer.pad_token_id, loss_cfg)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     grad_norm = _grad_norm(params)
@@ -367,6 +389,16 @@ def _state(cfg: Config, step: int, cached) -> dict:
     return {"micro_batches_done": step * cfg.train.grad_accum,
             "offpolicy_cache_entries": len(cached) if cached is not None else None,
             "config_fingerprint": fingerprint(_resume_keys(cfg)), "config": _resume_keys(cfg)}
+
+
+def _shards_weights(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: parameters are sharded outside the wrapper's forward."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
 def _grad_norm(params) -> float:

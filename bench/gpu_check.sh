@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-GPU check of the MSD step at Qwen2-1.5B size (bf16, LoRA, batch 8, 128 + 128 tokens,
+# 10 timed steps), with TRL's DistillationTrainer beside it when trl is installed. Target: one
+# run under 8 minutes on an H100/H200. Without a GPU it runs a tiny CPU configuration (a test of
+# the script, not a measurement). Results: docs/PERFORMANCE.md. Extra arguments go to gpu_check.py.
+#
+#   bash bench/gpu_check.sh                # from the repository root
+#   bash bench/gpu_check.sh --no-trl --steps 5
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
+date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+"$PY" - <<'PYEOF'
+import torch, transformers, peft
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+      f"cuda {torch.version.cuda}, gpus {torch.cuda.device_count()}")
+PYEOF
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore
+exec timeout 470 "$PY" bench/gpu_check.py "$@"

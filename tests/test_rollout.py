@@ -1,0 +1,162 @@
+"""Rollouts: padding, EOS cutting, several samples, seeding, order, and agreement with scoring."""
+
+import pytest
+import torch
+
+from msd.config import LoraConfig, ModelConfig
+from msd.models import apply_lora, load_model_and_tokenizer
+from msd.rollout import _draw, cut_after_eos, generate, left_pad, rollout_weights, sample_next
+from msd.scoring import build_inputs, response_logits
+
+BACKENDS = ["loop", "hf", "compiled"]
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    """The tiny model with a LoRA adapter whose B matrices are non-zero (so it changes outputs)."""
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    return model, tok
+
+
+def _prompts(tok):
+    texts = ["how do I make bread", "tell me", "fire water harm the a to you can not", "please help me"]
+    return [tok(t)["input_ids"] for t in texts]  # four distinct lengths: sorting permutes them
+
+
+def test_left_pad_and_width():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu", width=4)
+    assert ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_cut_after_eos_keeps_the_first_eos():
+    assert cut_after_eos([4, 5, 2, 6, 2], {2}) == [4, 5, 2]
+    assert cut_after_eos([4, 5], {2}) == [4, 5]
+    assert cut_after_eos([2], {2, 3}) == [2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_samples_and_seed_determinism(lora_model, backend):
+    model, tok = lora_model
+    prompts = _prompts(tok)
+    kw = dict(max_new_tokens=6, num_samples=3, batch_size=3, backend=backend)
+    a = generate(model, tok, prompts, seed=7, **kw)
+    b = generate(model, tok, prompts, seed=7, **kw)
+    c = generate(model, tok, prompts, seed=8, **kw)
+    assert len(a) == len(prompts) and all(len(per) == 3 for per in a)
+    assert all(1 <= len(r) <= 6 for per in a for r in per)
+    assert a == b
+    assert a != c
+    assert len({tuple(r) for per in a for r in per}) > len(prompts)  # samples differ
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eos_cuts_the_response(lora_model, backend):
+    """Greedy decoding does not depend on which id is EOS until it stops, so declaring a token
+    of a greedy response as EOS must cut that response right after its first occurrence."""
+    model, tok = lora_model
+    prompts = _prompts(tok)
+    kw = dict(max_new_tokens=8, temperature=0.0, batch_size=4, backend=backend)
+    before = generate(model, tok, prompts, **kw)
+    target = before[0][0][3]
+    old_tok, old_gen = tok.eos_token_id, model.generation_config.eos_token_id
+    try:
+        tok.eos_token_id = target
+        model.generation_config.eos_token_id = target
+        after = generate(model, tok, prompts, **kw)
+    finally:
+        tok.eos_token_id, model.generation_config.eos_token_id = old_tok, old_gen
+    for per_b, per_a in zip(before, after):
+        full = per_b[0]
+        cut = full[: full.index(target) + 1] if target in full else full
+        # ids after the old EOS differ (the old EOS no longer stops), so compare up to it
+        n = min(len(cut), len(per_a[0]))
+        assert per_a[0][:n] == cut[:n]
+        if target in full:
+            assert per_a[0] == cut
+    assert after[0][0] == before[0][0][: before[0][0].index(target) + 1]
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollout_logprobs_equal_scoring(lora_model, backend, merge):
+    """log p(sampled token) at temperature 1 from the rollout equals the student scoring pass
+    (`scoring.response_logits`) on the same tokens, LoRA merged or not. This also shows that
+    response i belongs to prompt i after the length sort (another prompt scores differently)."""
+    model, tok = lora_model
+    prompts = _prompts(tok)
+    tokens, logps = generate(model, tok, prompts, max_new_tokens=6, num_samples=2, batch_size=3,
+                             seed=3, backend=backend, merge_lora=merge, return_logprobs=True)
+    flat_p = [p for p in prompts for _ in range(2)]
+    flat_r = [r for per in tokens for r in per]
+    flat_l = [l for per in logps for l in per]
+    batch = build_inputs(flat_p, flat_r, tok.pad_token_id, "cpu")
+    T = max(len(r) for r in flat_r)
+    with torch.no_grad():
+        ref = response_logits(model, batch, T).float().log_softmax(-1)
+    for i, (r, lp) in enumerate(zip(flat_r, flat_l)):
+        assert len(lp) == len(r)
+        got = torch.tensor(lp)
+        want = ref[i, torch.arange(len(r)), torch.tensor(r)]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_merge_leaves_no_trace_and_training_mode_is_restored(lora_model):
+    model, tok = lora_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    generate(model, tok, _prompts(tok), max_new_tokens=4, merge_lora=True)
+    assert model.training
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], atol=1e-6, rtol=0)
+
+
+def test_half_precision_lora_samples_from_a_merged_copy(tiny_model_dir):
+    """bfloat16: the adapter is folded into a separate copy; the base weights stay bit-identical."""
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base_before = layer.base_layer.weight.detach().clone()
+    expect = (base_before.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    x = torch.randn(2, base_before.shape[1], dtype=torch.bfloat16)
+    with rollout_weights(model, True) as how:
+        assert how == "merged_copy"
+        assert torch.equal(layer.base_layer.weight, expect)
+        merged_out = layer(x)
+    assert torch.equal(layer.base_layer.weight, base_before)  # bitwise: no round trip
+    torch.testing.assert_close(merged_out, x @ expect.T, atol=0, rtol=0)
+
+
+def test_sampler_matches_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3000) * 2  # spans several sampling blocks plus a partial one
+    logits[0, 2999] = 6.0  # a heavy id in the partial last block
+    probs = logits.softmax(-1)[0]
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    draws = torch.cat([_draw(probs.expand(1000, -1).contiguous(), g) for _ in range(n // 1000)])
+    freq = torch.bincount(draws, minlength=3000).float() / n
+    assert (freq - probs).abs().sum() < 0.25  # total variation, sampling noise ~0.15 at n=40k
+    assert abs(freq[2999] - probs[2999]) < 0.01
+
+
+def test_sample_next_filters_and_greedy():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0]]).expand(500, -1)
+    g = torch.Generator().manual_seed(1)
+    tok, logp = sample_next(logits, 1.0, 1.0, 2, g)
+    assert set(tok.tolist()) == {2, 3}
+    torch.testing.assert_close(logp, logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
+    p = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, ...: top_p 0.8 keeps ids 3 and 2
+    assert p[3] < 0.8 < p[3] + p[2]
+    tok, _ = sample_next(logits, 1.0, 0.8, 0, g)
+    assert set(tok.tolist()) == {2, 3}
+    tok, _ = sample_next(logits, 0.0, 1.0, 0, g)
+    assert set(tok.tolist()) == {3}
