@@ -22,13 +22,6 @@ def tiny_model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory):
-    from msd.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tinyq") / "model", arch="qwen2")
-
-
 def write_queries(path, n: int = 16, langs=("jv", "sw")) -> str:
     words = ["bread", "water", "fire", "weapon", "steps"]
     with open(path, "w", encoding="utf-8") as f:

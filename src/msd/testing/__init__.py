@@ -48,6 +48,12 @@ DEFAULT_WORDS = (
 
 def make_tiny_model(folder: str | Path, arch: str = "llama", hidden: int = 32, layers: int = 2,
                     heads: int = 4, seed: int = 0, extra_words: list[str] | None = None) -> Path:
+    """Save a tiny random model + word-level tokenizer in HF format; returns the folder.
+
+    Note: transformers 5 loads the tokenizer of a `qwen2` folder as Qwen2Tokenizer (byte-level),
+    which does not fit a word-level vocabulary; load such folders' tokenizer with
+    `PreTrainedTokenizerFast.from_pretrained` (as `bench/_common.py` does).
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
