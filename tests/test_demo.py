@@ -72,9 +72,11 @@ def test_ablations_table(tmp_path, monkeypatch):
     base["heldout_queries"] = base["train_queries"]
     row = demo.ablation_row("default", base, LANGUAGES, 1.0)
     from msd.organism import training_queries
+    from msd.organism.pretrain import auto_threads, torch_threads
 
-    rows = demo.run_ablations(tmp_path, 0, training_queries(), row, ["train.max_steps=2"],
-                              limit=2, progress=False)
+    with torch_threads(auto_threads()):
+        rows = demo.run_ablations(tmp_path, 0, training_queries(), row,
+                                  ["train.max_steps=2", "data.limit=8"], limit=2, progress=False)
     assert [r["variant"] for r in rows] == ["default", "off-policy", "uniform"]
     text = (tmp_path / "ablations.md").read_text()
     assert "off-policy" in text and "| variant |" in text
