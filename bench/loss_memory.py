@@ -1,7 +1,7 @@
 """Peak memory of the plain vs the chunked MSD loss, forward and backward.
 
     python bench/loss_memory.py                     # B=4, T=512, V=151,936, H=896 (Qwen2-0.5B sizes)
-    python bench/loss_memory.py --chunk-size 64 --device cuda
+    python bench/loss_memory.py --chunk-size 128 --device cuda
 
 Each variant runs in its own subprocess (this script with --variant), so one cannot inherit the
 other's peak. The inputs (hidden states, both heads) are built first; the figure reported is the
@@ -24,6 +24,7 @@ import time
 import torch
 
 from msd.chunked import chunked_msd_loss
+from msd.config import LossConfig
 
 
 def parse_args(argv=None):
@@ -32,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size,
+                   help="tokens per chunk (default: msd's loss.chunk_size)")
     p.add_argument("--kind", default="rkl")
     p.add_argument("--weighting", default="dpsw")
     p.add_argument("--frozen-head", action="store_true", help="student head without gradient (LoRA-like)")

@@ -100,9 +100,9 @@ def test_heads_only_see_one_chunk_and_teacher_gets_no_gradient():
     seen = []
 
     def recording(head):
-        def call(h_BCH):
-            seen.append(h_BCH.shape[1])
-            return head(h_BCH)
+        def call(h_CH):
+            seen.append(h_CH.shape[0])
+            return head(h_CH)
 
         return call
 
@@ -126,3 +126,92 @@ def test_unknown_names_fail_before_the_heads_run():
         chunked_msd_loss(h_s_BTH, h_t_BTH, never, never, mask_BT, kind="kl")
     with pytest.raises(ValueError, match="choices"):
         chunked_msd_loss(h_s_BTH, h_t_BTH, never, never, mask_BT, weighting="entropy")
+
+
+# ----------------------------------------------------------------------------- the fused path
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("kind", list(losses.DIVERGENCES))
+def test_closed_form_gradient_equals_autograd(kind, beta):
+    from msd.chunked import divergence_and_grad
+
+    g = torch.Generator().manual_seed(3)
+    z_s_CV = (2 * torch.randn(6, 40, generator=g, dtype=torch.float64)).requires_grad_()
+    z_t_CV = 2 * torch.randn(6, 40, generator=g, dtype=torch.float64)
+    logp_s_CV, logp_t_CV = torch.log_softmax(z_s_CV, -1), torch.log_softmax(z_t_CV, -1)
+    div_C = losses.divergence_from_log_probs(logp_s_CV, logp_t_CV, kind, beta)
+    coef_C = torch.rand(6, generator=g, dtype=torch.float64)
+    (expected_CV,) = torch.autograd.grad((coef_C * div_C).sum(), z_s_CV)
+    div2_C, grad_CV = divergence_and_grad(logp_s_CV.detach(), logp_t_CV, kind, beta)
+    torch.testing.assert_close(div2_C, div_C.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_CV * coef_C[:, None], expected_CV, rtol=1e-9, atol=1e-12)
+
+
+def count_head_passes(monkeypatch):
+    from msd import chunked
+
+    calls = []
+    real = chunked._chunk_grad
+
+    def counting(*args, **kw):
+        calls.append(len(args[0]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(chunked, "_chunk_grad", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("kind", list(losses.DIVERGENCES))
+def test_frozen_head_backward_reruns_no_head(monkeypatch, kind, shared):
+    """The LoRA case: a frozen lm_head, shared with the teacher or not. The backward only
+    scales what the forward stored, and the result equals the plain loss."""
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = make_case(seed=4)
+    student_head.requires_grad_(False)
+    if shared:
+        teacher_head = student_head
+    h_s_BTH = h_s_BTH.clone().requires_grad_()
+    expected = losses.msd_loss_with_stats(student_head(h_s_BTH), teacher_head(h_t_BTH), mask_BT, kind)
+    (grad_expected,) = torch.autograd.grad(expected.loss, h_s_BTH)
+    calls = count_head_passes(monkeypatch)
+    out = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, kind=kind, chunk_size=5)
+    n_forward = len(calls)
+    (grad,) = torch.autograd.grad(out.loss, h_s_BTH)
+    assert n_forward == -(-int(mask_BT.sum()) // 5) and len(calls) == n_forward
+    assert max(calls) == 5
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-5 * grad_expected.abs().max().item())
+    torch.testing.assert_close(out.div_BT, expected.div_BT, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_softcap_is_applied_after_the_head(fused):
+    """Gemma 2 caps its logits after lm_head; the chunked loss must do the same."""
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = make_case(seed=5)
+    cap = 3.0
+    capped = lambda head: (lambda h: torch.tanh(head(h) / cap) * cap)  # noqa: E731
+    h = h_s_BTH.clone().requires_grad_()
+    ref = losses.msd_loss_with_stats(capped(student_head)(h), capped(teacher_head)(h_t_BTH), mask_BT, "jsd")
+    ref.loss.backward()
+    expected = ref, (h.grad, student_head.weight.grad, student_head.bias.grad)
+    heads = (student_head, teacher_head) if fused else (lambda h: student_head(h), lambda h: teacher_head(h))
+    student_head.zero_grad(set_to_none=True)
+    h = h_s_BTH.clone().requires_grad_()
+    out = chunked_msd_loss(h, h_t_BTH, *heads, mask_BT, kind="jsd", chunk_size=4, softcap=cap)
+    out.loss.backward()
+    assert_same((out, (h.grad, student_head.weight.grad, student_head.bias.grad)), expected)
+    uncapped = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, kind="jsd", chunk_size=4)
+    assert abs(uncapped.loss.item() - out.loss.item()) > 1e-3
+
+
+def test_bfloat16_head_is_close_to_the_plain_loss():
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = make_case(seed=6)
+    head = student_head.to(torch.bfloat16).requires_grad_(False)
+    h_s_BTH, h_t_BTH = h_s_BTH.bfloat16().requires_grad_(), h_t_BTH.bfloat16()
+    expected = losses.msd_loss_with_stats(head(h_s_BTH), head(h_t_BTH + 0.1), mask_BT)
+    (grad_expected,) = torch.autograd.grad(expected.loss, h_s_BTH)
+    out = chunked_msd_loss(h_s_BTH, h_t_BTH + 0.1, head, head, mask_BT, chunk_size=4)
+    (grad,) = torch.autograd.grad(out.loss, h_s_BTH)
+    assert out.loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.float(), grad_expected.float(), rtol=2e-2, atol=2e-2 * grad_expected.abs().max().item())

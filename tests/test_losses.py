@@ -165,7 +165,10 @@ def test_msd_loss_matches_reference(inputs, kind, weighting):
     out = losses.msd_loss_with_stats(s_BTV, t_BTV, mask_BT, kind, weighting)
     close(out.loss, expected)
     close(out.w_BT, ref_weights(s_BTV, t_BTV, mask_BT, weighting))
-    close(out.div_BT, losses.token_divergence(s_BTV, t_BTV, kind))
+    # the per-token stats are 0 on masked tokens (padding), like the weights
+    div_BT = losses.token_divergence(s_BTV, t_BTV, kind)
+    close(out.div_BT, torch.where(mask_BT.bool(), div_BT, torch.zeros_like(div_BT)))
+    assert (out.div_BT[~mask_BT.bool()] == 0).all()
     assert out.div_BT.grad_fn is None and out.w_BT.grad_fn is None
 
 

@@ -82,7 +82,7 @@ class LossConfig:
     beta: float = _f(0.5, "JSD mixture weight of the teacher.")
     weighting: str = _f("dpsw", "Token weights: dpsw (paper), uniform, teacher_only, student_only, dpsw_fullvocab.")
     top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).")
-    chunk_size: int = _f(64, "Response tokens per chunk for the chunked loss (0 = plain, full logits; use 0 under FSDP/ZeRO-3).")
+    chunk_size: int = _f(32, "Response tokens per chunk of the chunked loss, counted over the whole batch (0 = plain, full logits; use 0 under FSDP/ZeRO-3).")
 
 
 @dataclass

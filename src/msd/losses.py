@@ -34,7 +34,7 @@ class LossOutput:
     """The loss and the per-token values behind it (for logging and token reports)."""
 
     loss: torch.Tensor  # () scalar, carries the student's gradient
-    div_BT: torch.Tensor  # (B, T) per-token divergence D_t, detached
+    div_BT: torch.Tensor  # (B, T) per-token divergence D_t, detached; 0 on masked tokens
     w_BT: torch.Tensor  # (B, T) normalised token weights w~_t, detached; 0 on masked tokens
     mask_BT: torch.Tensor  # (B, T) the mask used
     w_raw_BT: torch.Tensor | None = None  # (B, T) unnormalised weights w_t (Eq. 6-7), detached
@@ -106,18 +106,23 @@ def akl(logp_s_BTV: torch.Tensor, logp_t_BTV: torch.Tensor) -> torch.Tensor:
     g_head = gap_head / (gap_head + gap_tail), g_tail = 1 - g_head. The gates are detached.
     When p_S = p_T exactly (no gap anywhere) g_head = 0; both KLs are 0 then anyway.
     """
-    with torch.no_grad():
-        p_t_BTV = logp_t_BTV.exp()
-        sorted_t_BTV, order_BTV = p_t_BTV.sort(dim=-1, descending=True)
-        mass_before_BTV = sorted_t_BTV.cumsum(-1) - sorted_t_BTV
-        head_BTV = mass_before_BTV < AKL_HEAD_MASS
-        gap_BTV = (sorted_t_BTV - logp_s_BTV.exp().gather(-1, order_BTV)).abs()
-        gap_head_BT = (gap_BTV * head_BTV).sum(-1)
-        gap_all_BT = gap_BTV.sum(-1)
-        g_head_BT = gap_head_BT / gap_all_BT.clamp_min(torch.finfo(gap_all_BT.dtype).tiny)
+    g_head_BT = akl_gate(logp_s_BTV, logp_t_BTV)
     fkl_BT = kl_teacher_student(logp_s_BTV, logp_t_BTV)
     rkl_BT = kl_student_teacher(logp_s_BTV, logp_t_BTV)
     return g_head_BT * fkl_BT + (1.0 - g_head_BT) * rkl_BT
+
+
+@torch.no_grad()
+def akl_gate(logp_s_BTV: torch.Tensor, logp_t_BTV: torch.Tensor) -> torch.Tensor:
+    """AKL's head gate g_head (see `akl`), detached; (B, T, V) -> (B, T)."""
+    p_t_BTV = logp_t_BTV.exp()
+    sorted_t_BTV, order_BTV = p_t_BTV.sort(dim=-1, descending=True)
+    mass_before_BTV = sorted_t_BTV.cumsum(-1) - sorted_t_BTV
+    head_BTV = mass_before_BTV < AKL_HEAD_MASS
+    gap_BTV = (sorted_t_BTV - logp_s_BTV.exp().gather(-1, order_BTV)).abs()
+    gap_head_BT = (gap_BTV * head_BTV).sum(-1)
+    gap_all_BT = gap_BTV.sum(-1)
+    return gap_head_BT / gap_all_BT.clamp_min(torch.finfo(gap_all_BT.dtype).tiny)
 
 
 DIVERGENCES = {
@@ -278,7 +283,8 @@ def msd_loss_with_stats(
     w_raw_BT = raw_token_weights(logp_s_BTV, logp_t_BTV, mask_BT, weighting, top_k)
     w_BT = normalise_weights(w_raw_BT, weight_totals(w_raw_BT, mask_BT, weighting), mask_BT)
     loss = masked_row_mean(div_BT, w_BT, mask_BT)
-    return LossOutput(loss=loss, div_BT=div_BT.detach(), w_BT=w_BT, mask_BT=mask_BT, w_raw_BT=w_raw_BT)
+    div_BT = torch.where(mask_BT.bool(), div_BT.detach(), torch.zeros((), dtype=div_BT.dtype))
+    return LossOutput(loss=loss, div_BT=div_BT, w_BT=w_BT, mask_BT=mask_BT, w_raw_BT=w_raw_BT)
 
 
 def msd_loss(student_logits_BTV, teacher_logits_BTV, mask_BT, kind="rkl", weighting="dpsw", top_k=32, beta=0.5):

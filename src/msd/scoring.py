@@ -92,8 +92,9 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
             t_hidden_BTH = response_hidden(t_model, t_batch, T)
             t_head = output_head(t_model)
         s_hidden_BTH = response_hidden(model, s_batch, T)
+        softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,
-                                        mask_BT, chunk_size=loss_cfg.chunk_size, **kw)
+                                        mask_BT, chunk_size=loss_cfg.chunk_size, softcap=softcap, **kw)
     with teacher.scope() as t_model:
         t_logits_BTV = response_logits(t_model, t_batch, T)
     s_logits_BTV = response_logits(model, s_batch, T)

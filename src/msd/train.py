@@ -28,6 +28,7 @@ from msd.config import Config, to_dict, to_yaml
 from msd.data import QueryTuple, load_tuples, split
 from msd.errors import MsdError
 from msd.io import JsonlWriter, atomic_write_text, ensure_writable_dir, read_jsonl
+from msd.memory import trim_heap
 from msd.models import Teacher, apply_lora, is_peft, load_model_and_tokenizer
 from msd.prompts import PromptBuilder
 from msd.rollout import full_weights, generate
@@ -280,6 +281,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
     bar = tqdm(total=total_steps, initial=start_step, desc=f"msd {tc.mode}", unit="step",
                disable=not (progress and accelerator.is_local_main_process))
 
+    on_cpu = accelerator.device.type == "cpu"
+
     # --- the loop -------------------------------------------------------------------------
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -302,6 +305,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
                                        merge_lora=r.merge_lora, backend=r.backend, sharded=sharded)
                 responses = [s for per_query in samples for s in per_query]
             stats["gen_s"] += time.perf_counter() - tg
+            if on_cpu:
+                trim_heap()  # the rollout's freed blocks would sit under the loss's peak
             rows = [it for it in batch for _ in range(len(responses) // len(batch))]
             responses = [resp if resp else [tokenizer.eos_token_id] for resp in responses]
             with accelerator.accumulate(model):
