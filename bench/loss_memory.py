@@ -24,7 +24,7 @@ import time
 import torch
 
 from msd.chunked import chunked_msd_loss
-from msd.config import LossConfig
+from msd.config import LossConfig, chunk_size_for
 
 
 def parse_args(argv=None):
@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size,
-                   help="tokens per chunk (default: msd's loss.chunk_size)")
+    p.add_argument("--chunk-size", type=int, default=-1,
+                   help="tokens per chunk (default -1: msd's auto size for the device)")
     p.add_argument("--kind", default="rkl")
     p.add_argument("--weighting", default="dpsw")
     p.add_argument("--frozen-head", action="store_true", help="student head without gradient (LoRA-like)")
@@ -81,7 +81,8 @@ def run_variant(args) -> dict:
     else:
         base = rss_bytes()
         max_before = max_rss_bytes()
-    chunk_size = 0 if args.variant == "plain" else args.chunk_size
+    chunk_size = 0 if args.variant == "plain" else chunk_size_for(LossConfig(chunk_size=args.chunk_size),
+                                                                 torch.device(args.device).type)
     start = time.perf_counter()
     student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = inputs
     out = chunked_msd_loss(

@@ -25,7 +25,7 @@ from _common import LORA, SMALL, load_bench_tokenizer, make_bench_model, write_b
 PHASES = ("generate", "score", "backward", "optimizer")
 
 
-def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = 128, dtype: str = "float32",
+def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = -1, dtype: str = "float32",
           device: str = "cpu"):
     """(cfg, model, tokenizer, teacher, items, optimizer) as `msd.train.train` builds them."""
     from msd.config import Config
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-words", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--full-ft", action="store_true")
-    ap.add_argument("--chunk-size", type=int, default=128)
+    ap.add_argument("--chunk-size", type=int, default=-1, help="loss.chunk_size (-1 = auto)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--torch-profile", action="store_true")

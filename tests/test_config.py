@@ -81,6 +81,8 @@ def test_overrides_are_typed(override, key, value):
     ("train.learning_rate=1e-5", "(did you mean 'train.lr'?)"),  # HF TrainingArguments names
     ("num_train_epochs=1", "(did you mean 'train.epochs'?)"),
     ("train.lr", "must look like section.key=value"),
+    ("loss.chunk_size=-2", "field 'loss.chunk_size' must be >= -1, got -2"),
+    ("loss.top_k=0", "field 'loss.top_k' must be >= 1, got 0"),
 ])
 def test_bad_overrides_say_what_is_wrong(override, message):
     with pytest.raises(MsdError) as err:
@@ -149,3 +151,14 @@ def test_quoting_hint_for_yaml_booleans_in_text_fields(tmp_path):
         load_config(path)
     path.write_text("train:\n  mixed_precision: 'no'\n")
     assert load_config(path).train.mixed_precision == "no"
+
+
+def test_auto_chunk_size_depends_on_the_device():
+    from msd.config import chunk_size_for
+
+    auto = load_config(None, []).loss
+    assert auto.chunk_size == -1
+    assert chunk_size_for(auto, "cpu") == 32 and chunk_size_for(auto, "cuda") == 512
+    fixed = load_config(None, ["loss.chunk_size=0"]).loss
+    assert chunk_size_for(fixed, "cpu") == 0 and chunk_size_for(fixed, "cuda") == 0
+    assert chunk_size_for(load_config(None, ["loss.chunk_size=7"]).loss, "cuda") == 7

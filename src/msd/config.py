@@ -82,7 +82,7 @@ class LossConfig:
     beta: float = _f(0.5, "JSD mixture weight of the teacher.")
     weighting: str = _f("dpsw", "Token weights: dpsw (paper), uniform, teacher_only, student_only, dpsw_fullvocab.")
     top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).")
-    chunk_size: int = _f(32, "Response tokens per chunk of the chunked loss, counted over the whole batch (0 = plain, full logits; use 0 under FSDP/ZeRO-3).")
+    chunk_size: int = _f(-1, "Response tokens per chunk of the chunked loss, counted over the whole batch; -1 = auto (32 on CPU, 512 on a GPU), 0 = plain loss on full logits (forced under FSDP/ZeRO-3).")
 
 
 @dataclass
@@ -135,6 +135,18 @@ CHOICES = {
     "train.schedule": {"cosine", "linear", "constant"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
 }
+MINIMUM = {"loss.chunk_size": -1, "loss.top_k": 1}
+
+# loss.chunk_size = -1: tokens per chunk by device. CPU: small chunks keep the loss's block in
+# cache-friendly sizes and its memory low (docs/PERFORMANCE.md); GPU: big chunks fill the GPU.
+AUTO_CHUNK_SIZE = {"cpu": 32, "other": 512}
+
+
+def chunk_size_for(loss: "LossConfig", device_type: str) -> int:
+    """loss.chunk_size with -1 (auto) resolved for a device type ('cpu', 'cuda', ...)."""
+    if loss.chunk_size >= 0:
+        return loss.chunk_size
+    return AUTO_CHUNK_SIZE["cpu" if device_type == "cpu" else "other"]
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -236,6 +248,8 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "config") -> None:
     coerced = _coerce(value, fld.type, key, where)
     if key in CHOICES and coerced not in CHOICES[key]:
         raise MsdError(f"field '{key}' must be one of {sorted(CHOICES[key])}, got {coerced!r}", where)
+    if key in MINIMUM and coerced < MINIMUM[key]:
+        raise MsdError(f"field '{key}' must be >= {MINIMUM[key]}, got {coerced!r}", where)
     setattr(section, parts[1], coerced)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msd.config import LossConfig
+from msd.config import LossConfig, chunk_size_for
 
 
 @dataclass
@@ -87,14 +87,15 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
     # The chunked loss calls the teacher's head outside `teacher.scope()` (also when the backward
     # recomputes a chunk), so it is only exact when the head carries no LoRA adapter.
     head_adapted = hasattr(output_head(model), "lora_A")
-    if loss_cfg.chunk_size > 0 and not head_adapted:
+    chunk_size = chunk_size_for(loss_cfg, device.type)
+    if chunk_size > 0 and not head_adapted:
         with teacher.scope() as t_model:
             t_hidden_BTH = response_hidden(t_model, t_batch, T)
             t_head = output_head(t_model)
         s_hidden_BTH = response_hidden(model, s_batch, T)
         softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,
-                                        mask_BT, chunk_size=loss_cfg.chunk_size, softcap=softcap, **kw)
+                                        mask_BT, chunk_size=chunk_size, softcap=softcap, **kw)
     with teacher.scope() as t_model:
         t_logits_BTV = response_logits(t_model, t_batch, T)
     s_logits_BTV = response_logits(model, s_batch, T)
