@@ -58,8 +58,8 @@ def run_msd(a, model_dir: Path, qfile: Path, device: str) -> dict:
                        sync=sync)
     mean = {p: sum(v) / len(v) for p, v in times.items()}
     step = sum(mean.values())
-    # Model FLOPs (6N per trained token, 2N per forward token; attention and the chunked loss's
-    # head recomputation not counted). LoRA backward: activation gradients only, ~2N per token.
+    # Model FLOPs (6N per trained token, 2N per forward token; attention and the loss's head
+    # GEMMs not counted). LoRA backward: activation gradients only, ~2N per token.
     n = flop_params(model)
     s_len = len(items[0].student_ids) + a.new_tokens
     t_len = len(items[0].teacher_ids) + a.new_tokens
