@@ -154,7 +154,8 @@ def _worker_trl(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
 def _worker_gkd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     """TRL's experimental GKDTrainer at lmbda=1 (always on-policy), beta=1 (reverse KL),
     temperature 1, with a separate teacher; otherwise its defaults (full logits, gradient
-    checkpointing on, which also turns the KV cache off during its generation)."""
+    checkpointing on, which also turns the KV cache off during its generation). bf16 on a GPU
+    when --dtype bfloat16, as for DistillationTrainer."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -165,20 +166,24 @@ def _worker_gkd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in qfile.read_text().splitlines()]
     data = Dataset.from_list([{"messages": [{"role": "user", "content": r["jv"]},
                                             {"role": "assistant", "content": "w1"}]} for r in rows])
-    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = getattr(torch, a.dtype)
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    on_gpu = torch.cuda.is_available()
     args = GKDConfig(
         output_dir=str(out_dir), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
         max_steps=a.warmup + a.steps, learning_rate=1e-5, lr_scheduler_type="constant",
-        lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=a.new_tokens, bf16=False, use_cpu=True,
+        lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=a.new_tokens,
+        bf16=dtype == torch.bfloat16 and on_gpu, use_cpu=not on_gpu,
         logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
     peft_cfg = None
     if a.lora:
         peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                               target_modules=LORA["target_modules"], task_type="CAUSAL_LM", bias="none")
     times: list[float] = []
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                         processing_class=tok, peft_config=peft_cfg, callbacks=[_StepTimer(times)])
+                         processing_class=tok, peft_config=peft_cfg, callbacks=[_StepTimer(times, sync)])
     trainer.train()
     CPU_TIMES[:] = CPU_TIMES[a.warmup:]
     return times[a.warmup:]

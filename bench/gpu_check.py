@@ -6,7 +6,9 @@ heads, MLP 8960, vocabulary 151,936, tied embeddings), LoRA r 16 on all projecti
 (compiled static-cache rollout with the adapter merged into a bf16 copy, shared teacher, chunked
 loss). Prints per-phase times (generation, scoring = teacher + student forward + loss, backward,
 optimizer), response tokens/s, peak GPU memory and an MFU estimate; then the same step with
-TRL's DistillationTrainer (separate teacher) if trl is importable.
+TRL's GKDTrainer (lmbda=1, beta=1: the acceptance line's baseline) and DistillationTrainer, each
+with a separate teacher, if trl (and datasets) are importable, and a line
+`vs_<trainer>: speedup=<TRL s / msd s> memory_ratio=<msd peak / TRL peak>` per trainer.
 
 Without a GPU it runs a tiny configuration on CPU so the script itself can be tested.
 """
@@ -74,25 +76,30 @@ def run_msd(a, model_dir: Path, qfile: Path, device: str) -> dict:
             "flop_params": n, "student_tokens": s_len, "teacher_tokens": t_len}
 
 
-def run_trl(a, model_dir: Path) -> dict | None:
+TRL_NAMES = {"trl": "TRL DistillationTrainer", "gkd": "TRL GKDTrainer (lmbda=1, beta=1)"}
+
+
+def run_trl(a, model_dir: Path, worker: str = "trl") -> dict | None:
+    """One TRL trainer ('trl' = DistillationTrainer, 'gkd' = GKDTrainer) in its own process,
+    through bench/compare_trl.py's workers, on the same model and sizes."""
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("trl not importable: TRL side skipped")
+        print("trl not importable: TRL side skipped (pip install trl datasets)")
         return None
-    out = Path(a.workdir) / "gpu_check_trl.json"
-    cmd = [sys.executable, str(Path(__file__).with_name("compare_trl.py")), "--worker", "trl", "--lora",
+    out = Path(a.workdir) / f"gpu_check_{worker}.json"
+    cmd = [sys.executable, str(Path(__file__).with_name("compare_trl.py")), "--worker", worker, "--lora",
            "--json-out", str(out), "--workdir", a.workdir, "--model-dir", str(model_dir),
            "--batch", str(a.batch), "--prompt-words", str(a.prompt_tokens - TEMPLATE_TOKENS),
            "--new-tokens", str(a.new_tokens), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--dtype", "bfloat16" if torch.cuda.is_available() else "float32", "--threads", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        print("TRL run failed:\n" + proc.stderr[-3000:])
+        print(f"{TRL_NAMES[worker]} run failed:\n" + proc.stderr[-3000:])
         return None
     rec = json.loads(out.read_text())
     step = sum(rec["step_s"]) / len(rec["step_s"])
-    return {"impl": "trl", "step_s": step, "tokens_per_s": a.batch * a.new_tokens / step,
+    return {"impl": worker, "step_s": step, "tokens_per_s": a.batch * a.new_tokens / step,
             "peak_gpu_mib": rec.get("peak_gpu_mib")}
 
 
@@ -104,7 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=128, help="student prompt length")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
+    ap.add_argument("--trl", default="gkd,trl",
+                    help="TRL trainers to run after msd: gkd (GKDTrainer, the acceptance line), "
+                         "trl (DistillationTrainer); comma list")
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # the script's own test: tiny model, two short steps
@@ -131,14 +141,22 @@ def main(argv=None) -> int:
     mem = f"{msd['peak_gpu_mib']:.0f} MiB" if msd["peak_gpu_mib"] is not None else "n/a"
     print(f"  step {msd['step_s']:.3f} s, {msd['tokens_per_s']:.0f} response tokens/s, "
           f"peak GPU memory {mem}, MFU {mfu}", flush=True)
+    ours = {"step_s": msd["step_s"], "peak_gpu_mib": msd["peak_gpu_mib"]}
     del msd
-    if not a.no_trl:
-        trl = run_trl(a, model_dir)
-        if trl:
-            mem = f"{trl['peak_gpu_mib']:.0f} MiB" if trl.get("peak_gpu_mib") else "n/a"
-            dtype = "bf16" if device == "cuda" else "float32"
-            print(f"TRL DistillationTrainer (separate teacher, its defaults, {dtype}): step "
-                  f"{trl['step_s']:.3f} s, {trl['tokens_per_s']:.0f} response tokens/s, peak GPU memory {mem}")
+    workers = [] if a.no_trl else [w.strip() for w in a.trl.split(",") if w.strip()]
+    for worker in workers:
+        if worker not in TRL_NAMES:
+            raise SystemExit(f"--trl: unknown trainer {worker!r}; choices: {', '.join(TRL_NAMES)}")
+        trl = run_trl(a, model_dir, worker)
+        if not trl:
+            continue
+        mem = f"{trl['peak_gpu_mib']:.0f} MiB" if trl.get("peak_gpu_mib") else "n/a"
+        dtype = "bf16" if device == "cuda" else "float32"
+        print(f"{TRL_NAMES[worker]} (separate teacher, its defaults, {dtype}): step "
+              f"{trl['step_s']:.3f} s, {trl['tokens_per_s']:.0f} response tokens/s, peak GPU memory {mem}")
+        ratio = (f"{ours['peak_gpu_mib'] / trl['peak_gpu_mib']:.2f}"
+                 if ours["peak_gpu_mib"] and trl.get("peak_gpu_mib") else "n/a")
+        print(f"vs_{worker}: speedup={trl['step_s'] / ours['step_s']:.2f} memory_ratio={ratio}", flush=True)
     return 0
 
 
