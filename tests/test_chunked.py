@@ -186,8 +186,11 @@ def test_frozen_head_backward_reruns_no_head(monkeypatch, kind, shared):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_softcap_is_applied_after_the_head(fused):
-    """Gemma 2 caps its logits after lm_head; the chunked loss must do the same."""
+    """Gemma 2 caps its logits after lm_head; the chunked loss must do the same. In float64:
+    where tanh saturates, float32 rounding alone moves both losses' gradients by ~1e-4 relative."""
     student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = make_case(seed=5)
+    student_head, teacher_head = student_head.double(), teacher_head.double()
+    h_s_BTH, h_t_BTH = h_s_BTH.double(), h_t_BTH.double()
     cap = 3.0
     capped = lambda head: (lambda h: torch.tanh(head(h) / cap) * cap)  # noqa: E731
     h = h_s_BTH.clone().requires_grad_()
@@ -215,3 +218,32 @@ def test_bfloat16_head_is_close_to_the_plain_loss():
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad.float(), grad_expected.float(), rtol=2e-2, atol=2e-2 * grad_expected.abs().max().item())
+
+
+def test_chunk_plan_keeps_rows_whole_when_the_head_trains():
+    from msd.chunked import _chunk_plan
+
+    row_N = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4])  # row 1 empty; row 3 is 7 long
+    plan = _chunk_plan(row_N, 4, whole_rows=True)
+    assert [(s.start, s.stop, closes) for s, closes in plan] == [
+        (0, 3, True), (3, 5, True), (5, 9, False), (9, 12, True), (12, 13, True)]
+    fixed = _chunk_plan(row_N, 4, whole_rows=False)
+    assert [(s.start, s.stop) for s, _ in fixed] == [(0, 4), (4, 8), (8, 12), (12, 13)]
+    assert _chunk_plan(row_N[:0], 4, whole_rows=True) == []
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_trained_head_gradient_is_formed_in_the_forward(monkeypatch, chunk_size):
+    """Full fine-tuning: the head's gradient is accumulated row by row in the forward (rows
+    longer than a chunk included), so the backward reruns no head, and it equals the plain one."""
+    case = make_case(seed=7)
+    expected = run(*case, chunk_size=None, kind="rkl")
+    calls = count_head_passes(monkeypatch)
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = case
+    student_head.zero_grad(set_to_none=True)
+    h = h_s_BTH.clone().requires_grad_()
+    out = chunked_msd_loss(h, h_t_BTH, student_head, teacher_head, mask_BT, chunk_size=chunk_size)
+    n_forward = len(calls)
+    out.loss.backward()
+    assert len(calls) == n_forward and max(calls) <= chunk_size
+    assert_same((out, (h.grad, student_head.weight.grad, student_head.bias.grad)), expected)

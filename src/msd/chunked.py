@@ -210,62 +210,120 @@ def _chunk_grad_in_place(h_s_CH, h_t_CH, s_head, t_head, spec, ws: _Workspace, w
     return div_C, w_C, grad_CV
 
 
-class _FusedDivergence(torch.autograd.Function):
-    """(h_s (N, H), student head, h_t (N, H), teacher head) -> (D (N,), w (N,)).
+def _chunk_plan(row_N: torch.Tensor, chunk_size: int, whole_rows: bool) -> list[tuple[slice, bool]]:
+    """Spans of at most chunk_size tokens, each with `closes_row` (True: every row in it ends in it).
 
-    D carries the student's gradient; w (the unnormalised DPSW weights) carries none. The
-    forward stores dD_i/dh_i = (dD_i/dz_i) W per token; the backward scales it by dL/dD_i.
+    whole_rows=False: fixed-size spans. True: spans hold whole rows, except a row longer than
+    chunk_size, which gets spans of its own (closes_row False on all but its last)."""
+    N = len(row_N)
+    if not whole_rows:
+        return [(slice(s, min(s + chunk_size, N)), True) for s in range(0, N, chunk_size)]
+    ends = (torch.nonzero(row_N[1:] != row_N[:-1]).squeeze(-1) + 1).tolist() + [N] if N else []
+    plan, start, row_start = [], 0, 0
+    for end in ends:  # one row: row_start .. end
+        if end - start > chunk_size and row_start > start:  # flush the rows gathered so far
+            plan.append((slice(start, row_start), True))
+            start = row_start
+        if end - row_start > chunk_size:  # a long row alone, in pieces
+            for s in range(row_start, end, chunk_size):
+                plan.append((slice(s, min(s + chunk_size, end)), s + chunk_size >= end))
+            start = end
+        row_start = end
+    if start < N:
+        plan.append((slice(start, N), True))
+    return plan
+
+
+class _FusedLoss(torch.autograd.Function):
+    """(h_s (N, H), student head, h_t (N, H), teacher head, rows) -> (loss, D (N,), w (N,)).
+
+    The loss is Eq. 8 over the N tokens (row r(i) of n_rows): sum_i w_i D_i / W_r(i) / n_rows.
+    Everything the backward needs is formed in the forward: dL/dh_i = c_i (dD_i/dz_i) W per
+    token and, for a trainable head, dL/dW = sum_i c_i (dD_i/dz_i)^T h_i (c_i = w_i / W_r / n_rows),
+    accumulated chunk by chunk: chunks then hold whole rows, so W_r is known when a chunk ends
+    (a row longer than a chunk collects its part in one extra (V, H) block until it ends).
+    The backward scales them by dL/dloss. D and w carry no gradient.
     """
 
     @staticmethod
-    def forward(ctx, h_s_NH, weight_VH, bias_V, h_t_NH, t_weight_VH, t_bias_V, spec, chunk_size):
+    def forward(ctx, h_s_NH, weight_VH, bias_V, h_t_NH, t_weight_VH, t_bias_V, row_N, n_rows, spec,
+                chunk_size):
         s_head, t_head = (weight_VH, bias_V), (t_weight_VH, t_bias_V)
-        with_grad = any(ctx.needs_input_grad[:3])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        head_grad = need_w or need_b
+        uniform = spec[1] == "uniform"
         N = len(h_s_NH)
         dtype = torch.promote_types(weight_VH.dtype, torch.float32)
         div_N = h_s_NH.new_empty(N, dtype=dtype)
         w_N = h_s_NH.new_empty(N, dtype=dtype)
-        dh_NH = torch.empty_like(h_s_NH) if ctx.needs_input_grad[0] else None
+        dh_NH = torch.empty_like(h_s_NH) if need_h else None
+        grad_w = torch.zeros_like(weight_VH, dtype=dtype) if need_w else None
+        grad_b = torch.zeros_like(bias_V, dtype=dtype) if need_b else None
+        open_row = None  # [W_r so far, (V, H) block, (V,) block] of a row split over chunks
         workspace = _Workspace(min(chunk_size, max(N, 1)), weight_VH, t_weight_VH)
         if weight_VH.device.type == "cpu":
             trim_heap()  # so the block below is not stacked on freed but resident memory
-        for start in range(0, N, chunk_size):
-            span = slice(start, start + chunk_size)
+        for span, closes_row in _chunk_plan(row_N, chunk_size, whole_rows=head_grad):
             div_N[span], w_N[span], g_CV = _chunk_grad(h_s_NH[span], h_t_NH[span], s_head, t_head,
-                                                       spec, with_grad=with_grad, workspace=workspace)
-            if dh_NH is not None:
+                                                       spec, with_grad=need_h or head_grad,
+                                                       workspace=workspace)
+            if need_h:  # unscaled dD/dh; scaled by c once every W_r is known
                 torch.mm(g_CV.to(weight_VH.dtype), weight_VH, out=dh_NH[span])
+            if head_grad:
+                w_C = torch.ones_like(w_N[span]) if uniform else w_N[span]
+                if open_row is None and closes_row:  # whole rows: W_r from this chunk alone
+                    local_C = row_N[span] - row_N[span][0]
+                    totals = w_C.new_zeros(int(local_C[-1]) + 1).index_add_(0, local_C, w_C)
+                    coef_C = w_C / (totals if uniform else totals + losses.WEIGHT_EPS)[local_C]
+                    _add_head_grad(grad_w, grad_b, g_CV, coef_C, h_s_NH[span])
+                else:
+                    if open_row is None:
+                        open_row = [0.0, torch.zeros_like(grad_w) if need_w else None,
+                                    torch.zeros_like(grad_b) if need_b else None]
+                    open_row[0] += float(w_C.sum())
+                    _add_head_grad(open_row[1], open_row[2], g_CV, w_C, h_s_NH[span])
+                    if closes_row:
+                        total = open_row[0] if uniform else open_row[0] + losses.WEIGHT_EPS
+                        for acc, part in ((grad_w, open_row[1]), (grad_b, open_row[2])):
+                            if acc is not None:
+                                acc.add_(part, alpha=1.0 / total)
+                        open_row = None
             del g_CV
-        del workspace
-        ctx.mark_non_differentiable(w_N)
-        ctx.spec, ctx.chunk_size = spec, chunk_size
-        ctx.save_for_backward(dh_NH, h_s_NH, weight_VH, bias_V, h_t_NH, t_weight_VH, t_bias_V)
-        return div_N, w_N
+        del workspace, open_row
+        if uniform:
+            totals_R = torch.bincount(row_N, minlength=n_rows).clamp_min(1).to(dtype)
+        else:
+            totals_R = w_N.new_zeros(n_rows).index_add_(0, row_N, w_N) + losses.WEIGHT_EPS
+        coef_N = (torch.ones_like(w_N) if uniform else w_N) / totals_R[row_N] / n_rows
+        loss = (div_N * coef_N).sum()
+        if need_h:
+            dh_NH.mul_(coef_N[:, None].to(dh_NH.dtype))
+        for acc in (grad_w, grad_b):
+            if acc is not None:
+                acc.div_(n_rows)
+        ctx.mark_non_differentiable(div_N, w_N)
+        ctx.save_for_backward(dh_NH, grad_w, grad_b)
+        ctx.dtypes = (weight_VH.dtype, bias_V.dtype if bias_V is not None else None)
+        return loss, div_N, w_N
 
     @staticmethod
-    def backward(ctx, grad_div_N, _grad_w_N):
-        dh_NH, h_s_NH, weight_VH, bias_V, h_t_NH, t_weight_VH, t_bias_V = ctx.saved_tensors
-        grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_h = dh_NH * grad_div_N[:, None].to(dh_NH.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # A trainable head: dL/dW = sum_i dL/dD_i (dD_i/dz_i)^T h_i, rebuilt chunk by chunk.
-            grad_weight = torch.zeros_like(weight_VH, dtype=grad_div_N.dtype)
-            grad_bias = torch.zeros_like(bias_V, dtype=grad_div_N.dtype) if bias_V is not None else None
-            workspace = _Workspace(min(ctx.chunk_size, max(len(h_s_NH), 1)), weight_VH, t_weight_VH)
-            for start in range(0, len(h_s_NH), ctx.chunk_size):
-                span = slice(start, start + ctx.chunk_size)
-                _, _, g_CV = _chunk_grad(h_s_NH[span], h_t_NH[span], (weight_VH, bias_V),
-                                         (t_weight_VH, t_bias_V), ctx.spec, with_grad=True,
-                                         workspace=workspace)
-                g_CV.mul_(grad_div_N[span, None])
-                grad_weight.addmm_(g_CV.T, h_s_NH[span].to(g_CV.dtype))
-                if grad_bias is not None:
-                    grad_bias += g_CV.sum(0)
-                del g_CV
-            grad_weight = grad_weight.to(weight_VH.dtype)
-            grad_bias = grad_bias.to(bias_V.dtype) if grad_bias is not None else None
-        return grad_h, grad_weight, grad_bias, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_div_N, _grad_w_N):
+        dh_NH, grad_w, grad_b = ctx.saved_tensors
+        grad_h = dh_NH * grad_loss.to(dh_NH.dtype) if dh_NH is not None else None
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.dtypes[0])
+        if grad_b is not None:
+            grad_b = (grad_b * grad_loss).to(ctx.dtypes[1])
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _add_head_grad(acc_w, acc_b, g_CV, coef_C, h_CH) -> None:
+    """acc_w += (coef * g)^T h and acc_b += sum (coef * g) over the chunk; scales g in place."""
+    g_CV.mul_(coef_C[:, None].to(g_CV.dtype))
+    if acc_w is not None:
+        acc_w.addmm_(g_CV.T.to(acc_w.dtype), h_CH.to(acc_w.dtype))
+    if acc_b is not None:
+        acc_b += g_CV.sum(0).to(acc_b.dtype)
 
 
 def _linear_parts(head) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -337,7 +395,9 @@ def chunked_msd_loss(
     h_t_NH = teacher_hidden_BTH.reshape(B * T, -1).index_select(0, idx_N)
     s_parts, t_parts = _linear_parts(student_head), _linear_parts(teacher_head)
     if s_parts is not None and t_parts is not None:
-        div_N, w_raw_N = _FusedDivergence.apply(h_s_NH, *s_parts, h_t_NH, *t_parts, spec, chunk_size)
+        loss, div_N, w_raw_N = _FusedLoss.apply(h_s_NH, *s_parts, h_t_NH, *t_parts, idx_N // T, B, spec,
+                                                chunk_size)
+        return _reduce(div_N, w_raw_N, idx_N, mask_BT, weighting, loss=loss)
     else:
         terms = _checkpointed_terms(student_head, teacher_head, spec)
         div_parts, w_parts = [], []
@@ -352,15 +412,17 @@ def chunked_msd_loss(
     return _reduce(div_N, w_raw_N, idx_N, mask_BT, weighting)
 
 
-def _reduce(div_N, w_raw_N, idx_N, mask_BT, weighting) -> LossOutput:
-    """Eq. 8 over the N scored tokens, and the per-token stats scattered back to (B, T)."""
+def _reduce(div_N, w_raw_N, idx_N, mask_BT, weighting, loss=None) -> LossOutput:
+    """Eq. 8 over the N scored tokens (unless `loss` is given), and the per-token stats
+    scattered back to (B, T)."""
     B, T = mask_BT.shape
     row_N = idx_N // T
     if weighting == "uniform":
         totals_B = losses.row_lengths(mask_BT).to(w_raw_N.dtype)
     else:
         totals_B = w_raw_N.new_zeros(B).index_add_(0, row_N, w_raw_N) + losses.WEIGHT_EPS
-    loss = (div_N * (w_raw_N / totals_B[row_N])).sum() / B  # mean over all B rows
+    if loss is None:
+        loss = (div_N * (w_raw_N / totals_B[row_N])).sum() / B  # mean over all B rows
 
     def to_BT(x_N):
         return x_N.new_zeros(B * T).index_copy_(0, idx_N, x_N.detach()).view(B, T)
