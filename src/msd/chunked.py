@@ -8,10 +8,11 @@ the whole batch), so at most a few (C, V) blocks are alive at once, whatever B a
 Two paths, with the same value, gradients and statistics (tests/test_chunked.py):
 
 - fused (the head is a plain `nn.Linear`, the usual `lm_head`): one autograd function runs both
-  heads per chunk and writes the gradient of each token's divergence with respect to the
-  student's logits in closed form (below), so the backward is one stored (N, H) block scaled per
-  token: nothing over the vocabulary is recomputed. Only a trainable head (full fine-tuning)
-  makes the backward run the heads again, to form the head's own gradient.
+  heads per chunk, writes the gradient of each token's divergence with respect to the student's
+  logits in closed form (below), and forms the loss's gradients in the forward: one (N, H)
+  block for the hidden states and, when the head trains (full fine-tuning), the head's own
+  (V, H) gradient, accumulated over chunks that hold whole rows. The backward only scales them:
+  nothing over the vocabulary is recomputed.
 - checkpointed (any other head callable): each chunk runs under a non-reentrant activation
   checkpoint, and the backward rebuilds the chunk and backpropagates through it.
 
