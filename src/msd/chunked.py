@@ -175,10 +175,17 @@ def _row_sums(fn, n: int, rows_2RV) -> torch.Tensor:
 
 
 def _log_softmax_(z_CV, rows_2RV):
-    """z <- log_softmax(z) in place, with no (C, V) temporary."""
-    z_CV.sub_(z_CV.amax(-1, keepdim=True))
-    total_C = _row_sums(lambda r, out, _: torch.exp(z_CV[r], out=out), len(z_CV), rows_2RV)
-    z_CV.sub_(total_C.log_()[:, None])
+    """z <- log_softmax(z) in place, R rows at a time through a row block, with no (C, V)
+    temporary. torch's own kernel, so the values are bitwise those of `losses.log_probs`: DPSW's
+    1 - p_S(argmax p_T) cancels for confident tokens, and another rounding of log p (an
+    exp/sum/log of our own was ~1e-6 off for p near 1) moved such a token's weight by ~1e-3
+    relative, enough to send an on-policy run down another path than the plain loss's."""
+    R = rows_2RV.shape[1]
+    for r0 in range(0, len(z_CV), R):
+        rows_RV = z_CV[r0:r0 + R]
+        out_RV = rows_2RV[0, : len(rows_RV)]
+        torch.log_softmax(rows_RV, -1, out=out_RV)
+        rows_RV.copy_(out_RV)
 
 
 def _chunk_grad_in_place(h_s_CH, h_t_CH, s_head, t_head, spec, ws: _Workspace, with_grad: bool):
