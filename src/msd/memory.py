@@ -11,8 +11,9 @@ def trim_heap() -> None:
     glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, and
     keeps up to twice that free at the heap's top before trimming. On CPU the rollout's and the
     forward passes' freed (B, V) and activation blocks then sit, still resident, under the
-    loss's peak. msd calls this after the rollout and before the chunked loss allocates its
-    block; on the benchmark model it lowered peak RSS by about 50 MB (docs/PERFORMANCE.md).
+    loss's peak. msd calls this between the phases of a step on CPU (before and after the
+    rollout, after the teacher's forward, before the chunked loss allocates its block); on the
+    benchmark model it lowered peak RSS by 50-130 MB (docs/PERFORMANCE.md).
     The call takes well under a millisecond when there is little to return.
     """
     if not _MALLOC_TRIM:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from msd.config import LossConfig, chunk_size_for
+from msd.memory import trim_heap
 
 
 @dataclass
@@ -92,6 +93,8 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
         with teacher.scope() as t_model:
             t_hidden_BTH = response_hidden(t_model, t_batch, T)
             t_head = output_head(t_model)
+        if device.type == "cpu":
+            trim_heap()  # the teacher forward's freed activations, before the student's
         s_hidden_BTH = response_hidden(model, s_batch, T)
         softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,

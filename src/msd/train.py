@@ -293,6 +293,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
             batch = micro_batch(items, step * tc.grad_accum + micro, tc.batch_size, rank, world, tc.seed)
             batch_ids += [it.key for it in batch]
             tg = time.perf_counter()
+            if on_cpu:
+                trim_heap()  # the last step's freed blocks would sit under the rollout's peak
             if cached is not None:
                 responses = [s for it in batch for s in cached[it.key]]
             else:
