@@ -115,40 +115,14 @@ def _worker_msd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
 
 
 def _worker_trl(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    """TRL's DistillationTrainer, on-policy, beta=1 (reverse KL), temperature 1, a separate
+    teacher; otherwise its defaults (gradient checkpointing on, chunked divergence)."""
     from trl import DistillationConfig, DistillationTrainer
 
-    tok = load_bench_tokenizer(model_dir)
     rows = [json.loads(line) for line in qfile.read_text().splitlines()]
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["jv"]}]} for r in rows])
-    dtype = getattr(torch, a.dtype)
-    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    on_gpu = torch.cuda.is_available()
-    args = DistillationConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
-        max_steps=a.warmup + a.steps, learning_rate=1e-5, lr_scheduler_type="constant",
-        max_completion_length=a.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=1.0,
-        bf16=dtype == torch.bfloat16 and on_gpu, use_cpu=not on_gpu, logging_steps=1,
-        save_strategy="no", report_to=[],
-        seed=0, dataloader_num_workers=0)
-    peft_cfg = None
-    if a.lora:
-        peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM", bias="none")
-
-    times: list[float] = []
-
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                  processing_class=tok, peft_config=peft_cfg,
-                                  callbacks=[_StepTimer(times, sync)])
-    trainer.train()
-    CPU_TIMES[:] = CPU_TIMES[a.warmup:]
-    return times[a.warmup:]
+    data = [{"prompt": [{"role": "user", "content": r["jv"]}]} for r in rows]
+    return _run_trl(a, model_dir, out_dir, DistillationTrainer, DistillationConfig, data,
+                    max_completion_length=a.new_tokens, top_p=1.0, top_k=0)
 
 
 def _worker_gkd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
@@ -156,34 +130,42 @@ def _worker_gkd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     temperature 1, with a separate teacher; otherwise its defaults (full logits, gradient
     checkpointing on, which also turns the KV cache off during its generation). bf16 on a GPU
     when --dtype bfloat16, as for DistillationTrainer."""
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    rows = [json.loads(line) for line in qfile.read_text().splitlines()]
+    data = [{"messages": [{"role": "user", "content": r["jv"]}, {"role": "assistant", "content": "w1"}]}
+            for r in rows]
+    return _run_trl(a, model_dir, out_dir, GKDTrainer, GKDConfig, data, lmbda=1.0,
+                    max_new_tokens=a.new_tokens)
+
+
+def _run_trl(a, model_dir: Path, out_dir: Path, trainer_cls, config_cls, rows: list[dict], **config_kw):
+    """Train a TRL distillation trainer (reverse KL: beta=1, temperature 1) with a separate
+    teacher of the same config on `rows`; the timed steps' wall seconds."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    tok = load_bench_tokenizer(model_dir)
-    rows = [json.loads(line) for line in qfile.read_text().splitlines()]
-    data = Dataset.from_list([{"messages": [{"role": "user", "content": r["jv"]},
-                                            {"role": "assistant", "content": "w1"}]} for r in rows])
     dtype = getattr(torch, a.dtype)
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     on_gpu = torch.cuda.is_available()
-    args = GKDConfig(
+    args = config_cls(
         output_dir=str(out_dir), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
         max_steps=a.warmup + a.steps, learning_rate=1e-5, lr_scheduler_type="constant",
-        lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=a.new_tokens,
-        bf16=dtype == torch.bfloat16 and on_gpu, use_cpu=not on_gpu,
-        logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
+        temperature=1.0, beta=1.0, bf16=dtype == torch.bfloat16 and on_gpu, use_cpu=not on_gpu,
+        logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
+        **config_kw)
     peft_cfg = None
     if a.lora:
         peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                               target_modules=LORA["target_modules"], task_type="CAUSAL_LM", bias="none")
     times: list[float] = []
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                         processing_class=tok, peft_config=peft_cfg, callbacks=[_StepTimer(times, sync)])
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=load_bench_tokenizer(model_dir), peft_config=peft_cfg,
+                          callbacks=[_StepTimer(times, sync)])
     trainer.train()
     CPU_TIMES[:] = CPU_TIMES[a.warmup:]
     return times[a.warmup:]
