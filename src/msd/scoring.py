@@ -85,8 +85,8 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
     T = mask_BT.shape[1]
     kw = dict(kind=loss_cfg.divergence, weighting=loss_cfg.weighting, top_k=loss_cfg.top_k,
               beta=loss_cfg.beta)
-    # The chunked loss calls the teacher's head outside `teacher.scope()` (also when the backward
-    # recomputes a chunk), so it is only exact when the head carries no LoRA adapter.
+    # The chunked loss calls the teacher's head outside `teacher.scope()`, so it is only exact
+    # when the head carries no LoRA adapter.
     head_adapted = hasattr(output_head(model), "lora_A")
     chunk_size = chunk_size_for(loss_cfg, device.type)
     if chunk_size > 0 and not head_adapted:
@@ -96,7 +96,10 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
         if device.type == "cpu":
             trim_heap()  # the teacher forward's freed activations, before the student's
         s_hidden_BTH = response_hidden(model, s_batch, T)
-        softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        config = getattr(model, "config", None)
+        if hasattr(config, "get_text_config"):  # multimodal configs (Gemma 3) nest it
+            config = config.get_text_config()
+        softcap = getattr(config, "final_logit_softcapping", None)
         return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,
                                         mask_BT, chunk_size=chunk_size, softcap=softcap, **kw)
     with teacher.scope() as t_model:
