@@ -18,6 +18,16 @@ from typing import Any, Iterable, Iterator
 from msd.errors import MsdError
 
 
+CACHE_ENV = "MSD_CACHE"
+
+
+def cache_root() -> Path:
+    """Where msd caches what it builds or pays for (the organism, judge verdicts):
+    $MSD_CACHE, else ~/.cache/msd."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "msd"
+
+
 def _umask_mode() -> int:
     """0o666 under the process umask: what `open()` would give (mkstemp makes files 0o600)."""
     mask = os.umask(0)
