@@ -10,6 +10,7 @@ import random
 import pytest
 
 from msd import data
+from msd.data.sets import multijail, xsafety as xsafety_set
 from msd.data import QueryTuple, is_heldout, load_tuples, split
 from msd.errors import MsdError
 
@@ -116,7 +117,7 @@ def test_split_edges():
 def test_multijail_is_315_tuples_in_10_languages():
     mj = load_tuples("multijail")
     assert len(mj) == 315 and len({t.id for t in mj}) == 315
-    assert all(t.langs() == data.MULTIJAIL_LANGS for t in mj)
+    assert all(t.langs() == multijail.LANGS for t in mj)
     assert all(t.texts[l].strip() for t in mj for l in t.langs())
     assert sum(t.meta["source"] == "anthropics" for t in mj) == 300
     assert all(isinstance(t.meta["tags"], list) and t.meta["tags"] for t in mj)
@@ -129,12 +130,12 @@ def xsafety():
 
 def test_xsafety_is_2800_parallel_tuples(xsafety):
     assert len(xsafety) == 2800 and len({t.id for t in xsafety}) == 2800
-    per_lang = {l: sum(l in t.texts for t in xsafety) for l in data.XSAFETY_LANGS}
-    assert per_lang == {**{l: 2800 for l in data.XSAFETY_LANGS}, "ru": 2799}  # ru/Insult row 164 is empty
+    per_lang = {l: sum(l in t.texts for t in xsafety) for l in xsafety_set.LANGS}
+    assert per_lang == {**{l: 2800 for l in xsafety_set.LANGS}, "ru": 2799}  # ru/Insult row 164 is empty
     per_type = {}
     for t in xsafety:
         per_type[t.meta["type"]] = per_type.get(t.meta["type"], 0) + 1
-    assert per_type == {issue: 200 for issue in data.XSAFETY_TYPES}
+    assert per_type == {issue: 200 for issue in xsafety_set.TYPES}
     assert "ru" not in next(t for t in xsafety if t.id == "xsafety-Insult-164").texts
 
 
@@ -143,7 +144,7 @@ def test_xsafety_rows_align_by_index(xsafety, lang):
     """Tuple `xsafety-<type>-<i>` holds row i of that type's file in every language."""
     by_id = {t.id: t for t in xsafety}
     for issue in ("Physical_Harm", "commonsense", "Crimes_And_Illegal_Activities"):
-        with open(data._xsafety_file(lang, issue), encoding="utf-8-sig", newline="") as f:
+        with open(xsafety_set.file_of(lang, issue), encoding="utf-8-sig", newline="") as f:
             rows = [r[0] for r in csv.reader(f)]
         for i in (0, 99, 199):
             assert by_id[f"xsafety-{issue}-{i}"].texts[lang] == rows[i]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from msd.errors import MsdError
-from msd.eval import benchmarks
+from msd import data
 from msd.eval import records as rec
 
 
@@ -36,8 +36,8 @@ def test_every_option_has_help():
     ("polyrefuse-harmful", 572, 14, 0), ("polyrefuse-harmless", 500, 13, 500), ("xstest", 450, 1, 250),
 ])
 def test_builtin_benchmarks(name, n, langs, benign):
-    b = benchmarks.load(name)
-    assert len(b.tuples) == n and len(b.langs) == langs and len(benchmarks.benign(b.tuples)) == benign
+    b = data.load_dataset(name)
+    assert len(b.tuples) == n and len(b.langs) == langs and len(data.benign(b.tuples)) == benign
     assert all("en" in t.texts for t in b.tuples)
     if name.startswith("polyrefuse"):  # parallel: every language present in every row
         assert all(len(t.texts) == langs for t in b.tuples)
@@ -45,18 +45,18 @@ def test_builtin_benchmarks(name, n, langs, benign):
 
 def test_organism_benchmarks():
     pytest.importorskip("msd.organism")
-    b = benchmarks.load("organism-heldout")
-    assert len(b.tuples) == 96 and len(benchmarks.benign(b.tuples)) == 48 and "en" in b.langs
+    b = data.load_dataset("organism-heldout")
+    assert len(b.tuples) == 96 and len(data.benign(b.tuples)) == 48 and "en" in b.langs
 
 
 def test_user_file_benchmark(query_file):
-    b = benchmarks.load(query_file)
+    b = data.load_dataset(query_file)
     assert b.name == "queries" and b.langs == ["en", "jv", "sw"] and len(b.tuples) == 16
 
 
 def test_unknown_benchmark_hint():
     with pytest.raises(MsdError, match="did you mean 'xstest'"):
-        benchmarks.load("xstst")
+        data.load_dataset("xstst")
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -2,8 +2,8 @@
 
 Tiers follow the paper (high: en zh it vi; medium: ar ko th; low: bn sw jv) and common
 resource estimates for the rest. The table drives which languages are students, how reports
-group results, and how the teacher prompt names the language. The model organism registers its
-synthetic languages here too (`register`).
+group results, and how the teacher prompt names the language. Plugins (the model organism)
+add theirs with `register` (tier "synthetic" for made-up languages).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from msd.errors import MsdError
+from msd.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -20,13 +21,11 @@ class Language:
     tier: str  # "high" | "medium" | "low" | "synthetic"
 
 
-_TABLE: dict[str, Language] = {}
+LANGUAGES: Registry[Language] = Registry("language code")
 
 
 def register(code: str, name: str, tier: str) -> Language:
-    lang = Language(code, name, tier)
-    _TABLE[code] = lang
-    return lang
+    return LANGUAGES.register(code, Language(code, name, tier), replace=True)
 
 
 for _code, _name, _tier in [
@@ -46,25 +45,16 @@ for _code, _name, _tier in [
 ALIASES = {"sp": "es"}
 
 
-def _load_synthetic() -> None:
-    """The model organism's synthetic languages register themselves when it is imported."""
-    try:
-        import msd.organism  # noqa: F401
-    except ImportError:
-        pass
+def _unknown(code: str, where: str | None = None) -> MsdError:
+    return MsdError(f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGES.names()))}",
+                    where)
 
 
 def get(code: str) -> Language:
     code = ALIASES.get(code, code)
-    if code not in _TABLE:
-        _load_synthetic()
-    if code not in _TABLE:
-        raise MsdError(f"unknown language code {code!r}; known: {', '.join(sorted(_TABLE))}")
-    return _TABLE[code]
-
-
-def known() -> list[str]:
-    return sorted(_TABLE)
+    if code not in LANGUAGES:
+        raise _unknown(code)
+    return LANGUAGES.get(code)
 
 
 def parse_codes(spec: str | list[str] | tuple[str, ...], where: str | None = None) -> list[str]:
@@ -75,11 +65,8 @@ def parse_codes(spec: str | list[str] | tuple[str, ...], where: str | None = Non
         code = ALIASES.get(item.strip(), item.strip())
         if not code:
             continue
-        if code not in _TABLE:
-            _load_synthetic()
-        if code not in _TABLE:
-            raise MsdError(f"unknown language code {code!r}; known: {', '.join(sorted(_TABLE))}",
-                           where)
+        if code not in LANGUAGES:
+            raise _unknown(code, where)
         if code not in codes:
             codes.append(code)
     return codes

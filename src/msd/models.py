@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from msd.config import LoraConfig, ModelConfig
 from msd.errors import MsdError
 from msd.prompts import load_chat_template
+from msd.registry import Registry
+
+# Named model sources: name -> a function returning a local Hugging Face folder. The model
+# organism registers "organism" (built on first use); a plugin can add its own the same way.
+MODEL_SOURCES: Registry[Callable[[], str | Path]] = Registry("model source", where="model.name_or_path")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,11 +34,10 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'organism' -> the embedded model organism (built on first use); local folders are checked."""
-    if name_or_path == "organism":
-        from msd.organism import ensure_organism
-
-        return str(ensure_organism())
+    """A registered model source (e.g. 'organism') -> its folder; local folders are checked;
+    anything else is taken as a hub id."""
+    if name_or_path in MODEL_SOURCES:
+        return str(MODEL_SOURCES.get(name_or_path)())
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -57,7 +61,7 @@ def refuse_pickled_weights(folder: Path) -> None:
                        "file, with save_pretrained(..., safe_serialization=True)", str(folder))
 
 
-def load_tokenizer(path: str, model_cfg: ModelConfig):
+def load_tokenizer(path: str, model_cfg):
     from transformers import AutoTokenizer
 
     try:
@@ -71,8 +75,9 @@ def load_tokenizer(path: str, model_cfg: ModelConfig):
     return tok
 
 
-def load_model_and_tokenizer(model_cfg: ModelConfig, adapter: str | None = None, device=None):
-    """Load a causal LM (safetensors only, remote code off unless asked) and its tokenizer."""
+def load_model_and_tokenizer(model_cfg, adapter: str | None = None, device=None):
+    """Load a causal LM (safetensors only, remote code off unless asked) and its tokenizer.
+    `model_cfg` is a `msd.config.ModelConfig` (or anything with its fields)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_cfg.name_or_path)
@@ -98,7 +103,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, adapter: str | None = None,
     return model, tokenizer
 
 
-def apply_lora(model, lora_cfg: LoraConfig):
+def apply_lora(model, lora_cfg):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules

@@ -136,7 +136,7 @@ def _check_positive(args, *names: str) -> None:
 def build_judge(args):
     from msd.eval.judges import get_judge
 
-    name = args.judge or ("oracle" if args.benchmark.startswith("organism-") else "keyword")
+    name = args.judge or getattr(args, "default_judge", None) or "keyword"
     foreign = [dest for judge, flags in JUDGE_FLAGS.items() if judge != name for dest in flags.values()
                if dest not in JUDGE_FLAGS[name].values() and getattr(args, dest, None) is not None]
     if foreign:
@@ -178,13 +178,14 @@ def _print_table(metrics: dict, kind: str) -> None:
 
 def run_safety(args) -> int:
     from msd import languages
-    from msd.eval import benchmarks
+    from msd.data import benign, load_dataset
     from msd.prompts import PromptBuilder
 
     _check_positive(args, "limit", "num_samples", "batch_size", "max_new_tokens")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise MsdError("need --temperature >= 0 and 0 < --top-p <= 1", "--temperature/--top-p")
-    bench = benchmarks.load(args.benchmark)  # registers the organism's languages if needed
+    bench = load_dataset(args.benchmark, where="--benchmark")
+    args.default_judge = bench.default_judge
     from msd.eval.safety import check_langs
 
     langs = languages.parse_codes(args.langs, "--langs") if args.langs else bench.langs

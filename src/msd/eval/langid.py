@@ -53,11 +53,12 @@ def vendored_parallel_text() -> dict[str, dict[str, list[str]]]:
     import csv
     import json
 
-    from msd.data import MULTIJAIL_LANGS, RESOURCES, load_multijail
+    from msd.data import RESOURCES, load_dataset
 
     out: dict[str, dict[str, list[str]]] = {"multijail": {}, "polyrefuse": {}, "mgsm": {}}
-    tuples = load_multijail()
-    for lang in MULTIJAIL_LANGS:
+    multijail = load_dataset("multijail")
+    tuples = multijail.tuples
+    for lang in multijail.langs:
         out["multijail"][lang] = [t.texts[lang] for t in tuples]
     for path in sorted((RESOURCES / "polyrefuse").glob("harmless_test_translated_*.json")):
         lang = path.stem.rsplit("_", 1)[1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd.errors import MsdError
-from msd.eval.benchmarks import benign
+from msd.data import benign
 from msd.eval.safety import evaluate
 
 

@@ -10,7 +10,9 @@ a few minutes on a laptop. See docs/ORGANISM.md.
     tuples = training_queries()       # MSD training queries (QueryTuple)
     evals = eval_queries("heldout_queries")
 
-Importing this package registers the synthetic languages in `msd.languages`.
+The organism is a plugin (`msd.organism.plugin`): it registers its synthetic languages, its
+datasets (organism, organism-train, organism-heldout), its model source ("organism") and its
+oracle judge in msd's registries, like any installed plugin would. The core never imports it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from msd import languages as _languages
 from msd.data import QueryTuple
+from msd.errors import MsdError
+from msd.io import cache_root
 from msd.organism import world
-
-for _lang in world.LANGS:
-    if _lang.code != "en":
-        _languages.register(_lang.code, _lang.name, "synthetic")
 
 LANGUAGES = {role: world.role_codes(role) for role in ("english", "safe", "trained", "unseen")}
 SPLITS = ("train_queries", "heldout_queries")
@@ -76,7 +75,6 @@ def eval_queries(split: str) -> list[QueryTuple]:
     Both add 48 benign requests (12 intents x the 4 objects not used with them in training).
     """
     if split not in SPLITS:
-        from msd.errors import MsdError
         raise MsdError(f"unknown organism split {split!r}; choose from {list(SPLITS)}")
     if split == "train_queries":
         harmful = [(i, o) for i in world.TRAIN_HARMFUL for o in world.OBJECTS]
@@ -96,8 +94,7 @@ def eval_queries(split: str) -> list[QueryTuple]:
 # ----------------------------------------------------------------------------- the model
 
 def default_cache_root() -> Path:
-    root = os.environ.get("MSD_CACHE")
-    return Path(root) / "organism" if root else Path.home() / ".cache" / "msd" / "organism"
+    return cache_root() / "organism"
 
 
 def ensure_organism(cache_dir: str | os.PathLike | None = None, progress: bool = True,

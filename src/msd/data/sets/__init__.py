@@ -1,0 +1,1 @@
+"""Built-in datasets, one module per family; each registers itself in `msd.data.DATASETS`."""

@@ -1,0 +1,62 @@
+"""Parallel query tuples: one id, one text per language, English required; the train/held-out split.
+
+The split is deterministic by id and seed, so it never changes when files are reordered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from msd import languages
+from msd.errors import MsdError
+
+
+@dataclass(frozen=True)
+class QueryTuple:
+    id: str
+    texts: dict[str, str]  # language code -> query text
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def langs(self) -> list[str]:
+        return list(self.texts)
+
+
+def check_text(text, where: str, lang: str) -> str:
+    if not isinstance(text, str):
+        raise MsdError(f"field '{lang}' must be a string", where)
+    if not text.strip():
+        raise MsdError(f"field '{lang}' is empty or whitespace-only", where)
+    return text
+
+
+def validate(tuples: list[QueryTuple], english: str = "en", source: str = "queries") -> list[QueryTuple]:
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tuples):
+        where = t.meta.get("_where", f"{source}: tuple {i + 1}")
+        if t.id in seen:
+            raise MsdError(f"duplicate id {t.id!r} (first seen in tuple {seen[t.id] + 1})", where)
+        seen[t.id] = i
+        if english not in t.texts:
+            raise MsdError(f"tuple {t.id!r} has no English ('{english}') text", where)
+        for lang, text in t.texts.items():
+            languages.parse_codes([lang], where)
+            check_text(text, where, lang)
+    return tuples
+
+
+def is_heldout(tuple_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{tuple_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split(tuples: list[QueryTuple], fraction: float, seed: int) -> tuple[list[QueryTuple], list[QueryTuple]]:
+    """(train, heldout), deterministic by id and seed."""
+    train = [t for t in tuples if not is_heldout(t.id, fraction, seed)]
+    held = [t for t in tuples if is_heldout(t.id, fraction, seed)]
+    return train, held
+
+
+def benign(tuples: list[QueryTuple]) -> list[QueryTuple]:
+    """The tuples whose meta says harmful=false (harmful is the default)."""
+    return [t for t in tuples if not t.meta.get("harmful", True)]
