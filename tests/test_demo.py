@@ -63,10 +63,10 @@ def test_demo_numbers_are_rebuilt_from_records(reduced_demo):
     assert demo.summarize({"train_queries": metrics})["train_queries"] == s["after"]["train_queries"]
 
 
-def test_ablations_table(tmp_path, monkeypatch):
+def test_ablations_table(tmp_path):
     """The ablation machinery on two variants of two steps each (not the real comparison)."""
-    monkeypatch.setattr(demo, "ABLATIONS", {"default": {}, "off-policy": {"train.mode": "off_policy"},
-                                            "uniform": {"loss.weighting": "uniform"}})
+    variants = {"default": {}, "off-policy": {"train.mode": "off_policy"},
+                "uniform": {"loss.weighting": "uniform"}}
     base = {"train_queries": {c: {"asr": 1.0, "benign_refusal": 0.0, "fidelity": 1.0}
                               for codes in LANGUAGES.values() for c in codes}}
     base["heldout_queries"] = base["train_queries"]
@@ -76,7 +76,8 @@ def test_ablations_table(tmp_path, monkeypatch):
 
     with torch_threads(auto_threads()):
         rows = demo.run_ablations(tmp_path, 0, training_queries(), row,
-                                  ["train.max_steps=2", "data.limit=8"], limit=2, progress=False)
+                                  ["train.max_steps=2", "data.limit=8"], limit=2, progress=False,
+                                  variants=variants)
     assert [r["variant"] for r in rows] == ["default", "off-policy", "uniform"]
     text = (tmp_path / "ablations.md").read_text()
     assert "off-policy" in text and "| variant |" in text

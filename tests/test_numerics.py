@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import msd.train
+import msd.train.loop
 from conftest import write_queries
 from msd.config import ModelConfig, load_config
 from msd.data import load_tuples
@@ -36,7 +36,7 @@ def setup(tiny_model_dir, tmp_path, monkeypatch):
     nan_steps: set[int] = set()
     snapshots: list[dict[str, torch.Tensor]] = []
     batches: list[list[str]] = []
-    real_loss, real_batch = msd.train.msd_batch_loss, msd.train.micro_batch
+    real_loss, real_batch = msd.train.loop.msd_batch_loss, msd.train.loop.micro_batch
 
     def loss(model, *args, **kw):
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()
@@ -51,16 +51,15 @@ def setup(tiny_model_dir, tmp_path, monkeypatch):
         batches.append([it.key for it in items])
         return items
 
-    monkeypatch.setattr(msd.train, "msd_batch_loss", loss)
-    monkeypatch.setattr(msd.train, "micro_batch", batch)
+    monkeypatch.setattr(msd.train.loop, "micro_batch", batch)
     yield dict(cfg=cfg, model=model, tok=tok, tuples=tuples, nan_steps=nan_steps,
-               snapshots=snapshots, batches=batches)
+               snapshots=snapshots, batches=batches, loss_fn=loss)
     torch.set_num_threads(threads)
 
 
 def run(s, **kw):
-    return msd.train.train(s["cfg"], model=s["model"], tokenizer=s["tok"], tuples=s["tuples"],
-                           progress=False, **kw)
+    return msd.train.loop.train(s["cfg"], model=s["model"], tokenizer=s["tok"], tuples=s["tuples"],
+                                progress=False, loss_fn=s["loss_fn"], **kw)
 
 
 def same(a: dict, b: dict) -> bool:

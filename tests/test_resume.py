@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_queries
-from msd import checkpoint
+from msd.train import checkpoint
 from msd.cli import main
 
 STEPS = 4
@@ -169,7 +169,7 @@ def test_off_policy_sigkill_then_resume_reuses_teacher_cache(off_policy_referenc
     def no_sampling(*a, **k):
         raise AssertionError("the frozen teacher sampled again on resume")
 
-    monkeypatch.setattr("msd.train.generate", no_sampling)
+    monkeypatch.setattr("msd.train.responses.generate", no_sampling)
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out

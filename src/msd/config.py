@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -28,7 +29,7 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("organism", "Hugging Face hub id or local folder; 'organism' is the embedded model organism (built on first use).")
+    name_or_path: str = _f("organism", "Hugging Face hub id, local folder, or a registered model source ('organism' is the embedded model organism, built on first use).")
     dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16.")
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code to run. Off unless you trust the repo.")
     chat_template: str | None = _f(None, "Jinja chat template (a file path or the template text) to use instead of the tokenizer's.")
@@ -47,7 +48,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("organism", "Training queries: a JSONL/CSV file of parallel tuples, 'xsafety', 'multijail', or 'organism'.")
+    source: str = _f("organism", "Training queries: a JSONL/CSV file of parallel tuples, or a registered dataset.")
     languages: list[str] = _f([], "Student languages (codes). Empty = every non-English language in the source.")
     english: str = _f("en", "Code of the pivot language whose query the teacher is shown.")
     english_as_student: bool = _f(False, "Also train on English queries (teacher then sees the English query twice). [ours: off]")
@@ -71,16 +72,16 @@ class RolloutConfig:
     top_k: int = _f(0, "Sample only from the k most likely tokens (0 = off).")
     num_samples: int = _f(1, "Responses sampled per query.")
     batch_size: int = _f(32, "Prompts per generate call.")
-    backend: str = _f("auto", "Generation backend: auto, hf, compiled (static cache + torch.compile, GPU), vllm (if installed).")
+    backend: str = _f("auto", "Generation backend: auto (compiled on CUDA, msd's decode loop on CPU), or a registered backend (hf, compiled = static cache + torch.compile on GPU, vllm if installed, loop).")
     merge_lora: bool = _f(True, "Fold the LoRA adapter into the base weights for sampling (no second copy), unfold afterwards.")
     cache_dir: str | None = _f(None, "Off-policy: where teacher samples are cached; None = <output_dir>/offpolicy_cache.")
 
 
 @dataclass
 class LossConfig:
-    divergence: str = _f("rkl", "Token divergence: rkl = KL(student||teacher) (paper default), fkl, jsd, tvd, akl.")
+    divergence: str = _f("rkl", "Token divergence D_t (Eq. 5); rkl = KL(student||teacher) is the paper's default, fkl = KL(teacher||student).")
     beta: float = _f(0.5, "JSD mixture weight of the teacher.")
-    weighting: str = _f("dpsw", "Token weights: dpsw (paper), uniform, teacher_only, student_only, dpsw_fullvocab.")
+    weighting: str = _f("dpsw", "Token weights (Eq. 6-8); dpsw is the paper's, uniform is none.")
     top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).")
     chunk_size: int = _f(-1, "Response tokens per chunk of the chunked loss, counted over the whole batch; -1 = auto (32 on CPU, 512 on a GPU), 0 = plain loss on full logits (forced under FSDP/ZeRO-3).")
 
@@ -125,16 +126,73 @@ TRAINER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
                  "per_device_train_batch_size": "batch_size",
                  "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule"}
 
-CHOICES = {
-    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
-    "prompt.teacher_context": {"full", "english_only", "instruction_only"},
-    "rollout.backend": {"auto", "hf", "compiled", "vllm"},
-    "loss.divergence": {"rkl", "fkl", "jsd", "tvd", "akl"},
-    "loss.weighting": {"dpsw", "uniform", "teacher_only", "student_only", "dpsw_fullvocab"},
-    "train.mode": {"on_policy", "off_policy"},
-    "train.schedule": {"cosine", "linear", "constant"},
-    "train.mixed_precision": {"no", "bf16", "fp16"},
-}
+def _divergences() -> list[str]:
+    from msd.losses import DIVERGENCES
+
+    return DIVERGENCES.names()
+
+
+def _weightings() -> list[str]:
+    from msd.losses import WEIGHTINGS
+
+    return WEIGHTINGS.names()
+
+
+def _backends() -> list[str]:
+    from msd.generation import BACKENDS
+
+    return ["auto", *BACKENDS.names()]
+
+
+def _teacher_contexts() -> list[str]:
+    from msd.prompts import TEACHER_TEMPLATES
+
+    return list(TEACHER_TEMPLATES)
+
+
+def _datasets() -> list[str]:
+    from msd.data import DATASETS
+
+    return DATASETS.names()
+
+
+def _model_sources() -> list[str]:
+    from msd.models import MODEL_SOURCES
+
+    return MODEL_SOURCES.names()
+
+
+# Keys that take a registered name or something else (a file, a hub id): listed, not enforced.
+REGISTERED = {"data.source": _datasets, "model.name_or_path": _model_sources}
+
+
+class _Choices(Mapping):
+    """config key -> its allowed values, read from the registries each time (a plugin or a
+    test may register a divergence, weighting or backend after this module is imported)."""
+
+    def __init__(self, sources: dict[str, Callable[[], list[str]]]):
+        self._sources = sources
+
+    def __getitem__(self, key: str) -> list[str]:
+        return list(self._sources[key]())
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+CHOICES = _Choices({
+    "model.dtype": lambda: ["auto", "float32", "bfloat16", "float16"],
+    "prompt.teacher_context": _teacher_contexts,
+    "rollout.backend": _backends,
+    "loss.divergence": _divergences,
+    "loss.weighting": _weightings,
+    "train.mode": lambda: ["on_policy", "off_policy"],
+    "train.schedule": lambda: ["cosine", "linear", "constant"],
+    "train.mixed_precision": lambda: ["no", "bf16", "fp16"],
+})
 MINIMUM = {"loss.chunk_size": -1, "loss.top_k": 1}
 
 # loss.chunk_size = -1: tokens per chunk by device. CPU: small chunks keep the loss's block in
@@ -328,5 +386,9 @@ def describe() -> str:
         lines.append(f"{sname}:")
         for k, f in _fields(section).items():
             default = getattr(section, k)
-            lines.append(f"  {k} (default {default!r})\n      {f.metadata['help']}")
+            key = f"{sname}.{k}"
+            extra = f" Choices: {', '.join(CHOICES[key])}." if key in CHOICES else ""
+            if key in REGISTERED:
+                extra = f" Registered: {', '.join(REGISTERED[key]())}."
+            lines.append(f"  {k} (default {default!r})\n      {f.metadata['help']}{extra}")
     return "\n".join(lines)

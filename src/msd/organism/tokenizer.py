@@ -61,18 +61,11 @@ def fast_encoder(tokenizer):
 
 
 def build_tokenizer(texts: Iterable[str]):
-    """A `PreTrainedTokenizerFast` whose vocabulary is every word in `texts` (sorted)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A word-level `PreTrainedTokenizerFast` whose vocabulary is every word in `texts` (sorted)."""
+    from msd.wordlevel import word_level_tokenizer
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for word in sorted(words_of(texts)):
         vocab.setdefault(word, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token=UNK, pad_token=PAD, eos_token=EOS,
-        additional_special_tokens=list(ROLES), padding_side="left",
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return word_level_tokenizer(vocab, unk=UNK, pad=PAD, eos=EOS, extra_special=list(ROLES),
+                                chat_template=CHAT_TEMPLATE, padding_side="left")

@@ -20,20 +20,14 @@ SPECIALS = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|
 
 
 def make_tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A word-level tokenizer over SPECIALS + `words`, with CHAT_TEMPLATE."""
+    from msd.wordlevel import word_level_tokenizer
 
     vocab = {w: i for i, w in enumerate(SPECIALS)}
     for w in words:
         vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<|end|>")
-    fast.add_special_tokens({"additional_special_tokens": SPECIALS[3:]})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_level_tokenizer(vocab, unk="<unk>", pad="<pad>", eos="<|end|>", extra_special=SPECIALS[3:],
+                                chat_template=CHAT_TEMPLATE, join_words=True)
 
 
 DEFAULT_WORDS = (

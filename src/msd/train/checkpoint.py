@@ -1,4 +1,5 @@
-"""Atomic checkpoints with everything needed to continue a run exactly.
+"""Atomic checkpoints with everything needed to continue a run exactly, and the config check
+that refuses to resume a run with different settings.
 
 A checkpoint folder `checkpoints/step_<N>/` holds the trainable weights (safetensors), the
 optimizer and scheduler states, every RNG state, and `state.json` (step, data position,
@@ -9,6 +10,7 @@ so a kill mid-write leaves the previous checkpoint intact. Everything is read ba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -24,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from msd.errors import MsdError
-from msd.io import atomic_replace_dir, atomic_write_json
+from msd.io import atomic_replace_dir, atomic_write_json, atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -135,3 +137,60 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
                        "the one before, or start over with --no-resume", str(path)) from None
+
+
+# ----------------------------------------------------------------------------- resume check
+
+# Train keys that may change between a run and its resumption: they do not change what is trained.
+RESUMABLE_KEYS = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb", "max_steps",
+                  "output_dir")
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_keys(cfg_dict: dict) -> dict:
+    """The resolved config minus the keys a resumed run may change."""
+    d = dict(cfg_dict)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS}
+    return d
+
+
+def changes(old: dict | None, new: dict) -> str:
+    """' (train.lr: 0.001 -> 0.002)': the resume-relevant keys that differ from `old`."""
+    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items()
+            for k, v in sec.items() if old and old.get(s, {}).get(k) != v]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
+def check_config(ckpt: Path, keys: dict) -> None:
+    """Refuse to resume from a checkpoint made with other settings, naming what changed."""
+    saved = read_state(ckpt)
+    if saved.get("config_fingerprint") not in (None, fingerprint(keys)):
+        raise MsdError("checkpoint was made with a different config"
+                       f"{changes(saved.get('config'), keys)}; use a new train.output_dir", str(ckpt))
+
+
+def run_state(keys: dict, step: int, grad_accum: int, cache_entries: int | None) -> dict:
+    """What state.json records beside the step (data position, off-policy cache, config)."""
+    return {"micro_batches_done": step * grad_accum, "offpolicy_cache_entries": cache_entries,
+            "config_fingerprint": fingerprint(keys), "config": keys}
+
+
+# ----------------------------------------------------------------------------- the final model
+
+def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator) -> Path:
+    """`<out_dir>/final`: the model (or adapter) in Hugging Face format, its tokenizer and the
+    resolved config, written to a temporary folder and renamed."""
+    final = out_dir / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = out_dir / ".final.tmp"
+        unwrapped.save_pretrained(tmp, safe_serialization=True,
+                                  state_dict=accelerator.get_state_dict(model))
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "msd_config.yaml", config_yaml)
+        atomic_replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

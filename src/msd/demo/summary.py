@@ -1,0 +1,77 @@
+"""The demo's outputs: a markdown table, a plot, report.md and the printed table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+def fmt(x) -> str:
+    return "  -  " if x is None else f"{x:5.2f}"
+
+
+def table(summary: dict) -> str:
+    """Markdown table: per language, ASR before -> after on both splits, benign metrics after."""
+    from msd import languages
+
+    lines = ["| language | role | ASR held-out: before → after | ASR train-intents: before → after "
+             "| teacher ASR (held-out) | benign refusal after | fidelity after |",
+             "|---|---|---|---|---|---|---|"]
+    b, a, t = summary["before"], summary["after"], summary["teacher_before"]
+    for role, codes in summary["languages"].items():
+        for c in codes:
+            name = languages.get(c).name
+            lines.append(
+                f"| {c} {name} | {role} | {fmt(b['heldout_queries'][c]['asr'])} → "
+                f"{fmt(a['heldout_queries'][c]['asr'])} | {fmt(b['train_queries'][c]['asr'])} → "
+                f"{fmt(a['train_queries'][c]['asr'])} | {fmt(t['heldout_queries'][c]['asr'])} | "
+                f"{fmt(max(a[s][c]['benign_refusal'] or 0 for s in a))} | "
+                f"{fmt(min(a[s][c]['fidelity'] or 0 for s in a))} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> Path:
+    from msd import languages
+    from msd.eval.plots import _plt, _save, grouped_bars
+
+    plt = _plt()
+    langs = [c for codes in summary["languages"].values() for c in codes]
+    names = [f"{c}\n{languages.get(c).name}" for c in langs]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, split in zip(axes, ("heldout_queries", "train_queries")):
+        series = [(label, [summary[key][split][c]["asr"] for c in langs], None)
+                  for label, key in (("before", "before"), ("after MSD", "after"),
+                                     ("teacher prompt, before", "teacher_before"))]
+        grouped_bars(ax, names, series, "ASR (%)")
+        ax.set_xticklabels(names, rotation=0, ha="center")
+        ax.get_legend().remove()
+        ax.set_title(f"{split.replace('_', ' ')}: attack success rate (lower is better)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.1))
+    return _save(fig, path)
+
+
+def write_report(out: Path, summary: dict, checks: list[dict]) -> None:
+    from msd.io import atomic_write_text
+
+    lines = ["# msd demo: MSD on the model organism", "",
+             f"Wall time: {summary['wall_seconds']:.0f} s "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}).", "",
+             table(summary), "", "![ASR before and after](asr_before_after.png)", "",
+             "## Checks", ""]
+    lines += [f"- [{'x' if c['pass'] else ' '}] {c['claim']}: {json.dumps(c['values'])}" for c in checks]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def print_table(summary: dict) -> None:
+    from msd import languages
+
+    b, a = summary["before"], summary["after"]
+    print(f"\n{'language':<16}{'role':<9}{'ASR held-out':>16}{'ASR train-int.':>16}"
+          f"{'benign refusal':>16}{'fidelity':>10}")
+    for role, codes in summary["languages"].items():
+        for c in codes:
+            held = f"{b['heldout_queries'][c]['asr']:.2f} -> {a['heldout_queries'][c]['asr']:.2f}"
+            tr = f"{b['train_queries'][c]['asr']:.2f} -> {a['train_queries'][c]['asr']:.2f}"
+            ref = max(a[s][c]["benign_refusal"] or 0 for s in a)
+            fid = min(a[s][c]["fidelity"] or 0 for s in a)
+            print(f"{c + ' ' + languages.get(c).name:<16}{role:<9}{held:>16}{tr:>16}{ref:>16.2f}{fid:>10.2f}")

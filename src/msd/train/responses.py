@@ -1,0 +1,67 @@
+"""Where a batch's responses come from: the only difference between on- and off-policy MSD.
+
+- on-policy: the current student samples them, y ~ p_S(. | x_tgt);
+- off-policy: the frozen teacher's samples, y ~ p_T(. | x_tgt, x*, C), drawn once for every
+  item, cached on disk (resumable) and reused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from msd.config import to_dict
+from msd.errors import MsdError
+from msd.generation import full_weights, generate
+from msd.io import JsonlWriter, read_jsonl
+from msd.train.checkpoint import fingerprint
+
+
+def on_policy(run, tokenizer, batch, r, seed: int) -> list[list[int]]:
+    """One sample per (item, sample index) from the current student, flattened item-major."""
+    with full_weights(run.model):
+        samples = generate(run.unwrapped, tokenizer, [it.student_ids for it in batch],
+                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                           top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
+                           batch_size=r.batch_size, seed=seed, merge_lora=r.merge_lora,
+                           backend=r.backend, sharded=run.sharded)
+    return [s for per_query in samples for s in per_query]
+
+
+def off_policy(cached: dict[str, list[list[int]]], batch) -> list[list[int]]:
+    return [s for it in batch for s in cached[it.key]]
+
+
+def cache_path(cfg, cache_dir: Path) -> Path:
+    r = cfg.rollout
+    fp = fingerprint({"model": cfg.model.name_or_path, "prompt": to_dict(cfg)["prompt"],
+                      "rollout": [r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.num_samples],
+                      "seed": cfg.train.seed})
+    return Path(cache_dir) / f"teacher_samples.{fp}.jsonl"
+
+
+def teacher_samples(cfg, run, tokenizer, items, cache_dir: Path, progress: bool) -> dict[str, list[list[int]]]:
+    """Sample every item once from the frozen teacher; cached on disk, resumable, reused."""
+    r, accelerator = cfg.rollout, run.accelerator
+    path = cache_path(cfg, cache_dir)
+    if run.sharded and not path.exists():  # rank 0 alone cannot run a sharded model
+        raise MsdError("off-policy under FSDP / ZeRO-3: build the teacher-sample cache first in one "
+                       "process with the same rollout settings (see docs/PERFORMANCE.md)", str(path))
+    if accelerator.is_main_process:
+        done = {rec["key"]: rec["samples"] for rec in read_jsonl(path)} if path.exists() else {}
+        # Fixed bug: chunks were slices of the items *left to do*, so after an interruption
+        # they (and their seeds) shifted and the samples differed from an uninterrupted run.
+        chunk = max(1, r.batch_size)
+        todo = [c for c in range(0, len(items), chunk)
+                if any(it.key not in done for it in items[c:c + chunk])]
+        if todo:
+            with JsonlWriter(path) as out, run.teacher.scope() as t_model:
+                for c in todo:
+                    part = items[c:c + chunk]
+                    samples = generate(t_model, tokenizer, [it.teacher_ids for it in part],
+                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                       top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
+                                       batch_size=r.batch_size, seed=cfg.train.seed + c,
+                                       progress=progress, merge_lora=False, backend=r.backend)
+                    out.write_many({"key": it.key, "samples": s} for it, s in zip(part, samples))
+    accelerator.wait_for_everyone()
+    return {rec["key"]: rec["samples"] for rec in read_jsonl(path)}

@@ -1,0 +1,107 @@
+"""Setting up a training run: the accelerator (launcher quirks), and the student, frozen
+teacher, optimizer and schedule, prepared for the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from msd.errors import MsdError
+from msd.models import Teacher, apply_lora, is_peft
+
+WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def make_accelerator(tc):
+    """An `accelerate.Accelerator` for the launch this process is part of."""
+    from accelerate import Accelerator
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
+            and not any(v in os.environ for v in WORLD_VARS):  # --cpu without mpirun: one process
+        raise MsdError("`accelerate launch --cpu --num_processes N` starts a single process; for N "
+                       "CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo "
+                       "without GPUs) or --config_file configs/accelerate/cpu_ddp.yaml")
+    # Several processes without a GPU (torchrun / accelerate's --multi_gpu launcher): accelerate
+    # picks DDP over gloo only when told cpu=True; otherwise every process trains alone.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                       cpu=cpu_ddp)
+
+
+def shards_weights(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: parameters are sharded outside the wrapper's forward."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+
+def make_scheduler(optimizer, tc, total_steps: int):
+    """Linear warm-up, then cosine, linear or constant (train.schedule)."""
+    warmup = int(round(tc.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if tc.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if tc.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Run:
+    """A prepared run: what the loop needs besides the data."""
+    accelerator: object
+    model: object  # the engine-wrapped student
+    unwrapped: object
+    teacher: Teacher
+    params: list
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    sharded: bool
+    loss_cfg: object  # cfg.loss, with chunk_size 0 when the weights are sharded
+
+
+def prepare(cfg, model, accelerator, n_items: int) -> Run:
+    """Adapter or full fine-tuning, the frozen teacher (theta_0, taken before any update), the
+    optimizer and schedule, all prepared by accelerate."""
+    tc = cfg.train
+    if cfg.lora.enabled:
+        if not is_peft(model):
+            model = apply_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+    model.to(accelerator.device)
+    teacher = Teacher.for_model(model)  # frozen now: theta_0
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_peft(model):
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    micro_per_epoch = n_items // (tc.batch_size * accelerator.num_processes)
+    total_steps = tc.max_steps or max(1, tc.epochs * micro_per_epoch // tc.grad_accum)
+    scheduler = make_scheduler(optimizer, tc, total_steps)
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sharded, loss_cfg = shards_weights(accelerator), cfg.loss
+    if sharded:  # FSDP / ZeRO-3: weights exist only inside the wrapper's forward
+        teacher.wrapped = model if teacher.frozen is None else None
+        if loss_cfg.chunk_size:  # the chunked loss calls lm_head outside forward
+            warnings.warn("FSDP / ZeRO-3: loss.chunk_size set to 0 (full logits)")
+            loss_cfg = dataclasses.replace(loss_cfg, chunk_size=0)
+    return Run(accelerator, model, accelerator.unwrap_model(model), teacher, params, optimizer,
+               scheduler, total_steps, sharded, loss_cfg)
