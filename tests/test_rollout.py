@@ -5,7 +5,7 @@ import torch
 
 from msd.config import LoraConfig, ModelConfig
 from msd.models import apply_lora, load_model_and_tokenizer
-from msd.generation import cut_after_eos, draw, generate, rollout_weights, sample_next
+from msd.generation import BACKENDS, cut_after_eos, draw, generate, rollout_weights, sample_next
 from msd.padding import left_pad
 from msd.scoring import build_inputs, response_logits
 
@@ -162,3 +162,27 @@ def test_sample_next_filters_and_greedy():
     tok, _ = sample_next(logits, 0.0, 1.0, 0, g)
     assert set(tok.tolist()) == {3}
 
+
+def test_a_backend_registered_from_outside_is_used(lora_model):
+    """One `BACKENDS.register` call adds a backend: generate looks it up by name, hands it the
+    resolved sampling settings and returns what it returns."""
+    model, tok = lora_model
+    prompts = _prompts(tok)
+    calls = []
+
+    def counting_hf(model, prompts, sampling):
+        calls.append((len(prompts), sampling.num_samples, sampling.seed))
+        return BACKENDS.get("hf")(model, prompts, sampling)
+
+    kw = dict(max_new_tokens=5, num_samples=2, batch_size=3, seed=4, return_logprobs=True)
+    BACKENDS.register("counting_hf", counting_hf)
+    try:
+        assert "counting_hf" in BACKENDS
+        tokens, logps = generate(model, tok, prompts, backend="counting_hf", **kw)
+    finally:
+        BACKENDS.unregister("counting_hf")
+    assert calls == [(len(prompts), 2, 4)]
+    assert (tokens, logps) == generate(model, tok, prompts, backend="hf", **kw)
+    assert len(tokens) == len(prompts) and all(len(per) == 2 for per in tokens)
+    assert all(1 <= len(r) <= 5 and len(lp) == len(r) for per, lps in zip(tokens, logps)
+               for r, lp in zip(per, lps))
