@@ -5,10 +5,11 @@ import torch
 
 from msd.config import LoraConfig, ModelConfig
 from msd.models import apply_lora, load_model_and_tokenizer
-from msd.rollout import _draw, cut_after_eos, generate, left_pad, rollout_weights, sample_next
+from msd.generation import BACKENDS, cut_after_eos, draw, generate, rollout_weights, sample_next
+from msd.padding import left_pad
 from msd.scoring import build_inputs, response_logits
 
-BACKENDS = ["loop", "hf", "compiled"]
+BUILT_IN = ["loop", "hf", "compiled"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_cut_after_eos_keeps_the_first_eos():
     assert cut_after_eos([2], {2, 3}) == [2]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BUILT_IN)
 def test_several_samples_and_seed_determinism(lora_model, backend):
     model, tok = lora_model
     prompts = _prompts(tok)
@@ -55,7 +56,7 @@ def test_several_samples_and_seed_determinism(lora_model, backend):
     assert len({tuple(r) for per in a for r in per}) > len(prompts)  # samples differ
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BUILT_IN)
 def test_eos_cuts_the_response(lora_model, backend):
     """Greedy decoding does not depend on which id is EOS until it stops, so declaring a token
     of a greedy response as EOS must cut that response right after its first occurrence."""
@@ -83,7 +84,7 @@ def test_eos_cuts_the_response(lora_model, backend):
 
 
 @pytest.mark.parametrize("merge", [True, False])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BUILT_IN)
 def test_rollout_logprobs_equal_scoring(lora_model, backend, merge):
     """log p(sampled token) at temperature 1 from the rollout equals the student scoring pass
     (`scoring.response_logits`) on the same tokens, LoRA merged or not. This also shows that
@@ -142,7 +143,7 @@ def test_sampler_matches_the_distribution():
     probs = logits.softmax(-1)[0]
     g = torch.Generator().manual_seed(0)
     n = 40_000
-    draws = torch.cat([_draw(probs.expand(1000, -1).contiguous(), g) for _ in range(n // 1000)])
+    draws = torch.cat([draw(probs.expand(1000, -1).contiguous(), g) for _ in range(n // 1000)])
     freq = torch.bincount(draws, minlength=3000).float() / n
     assert (freq - probs).abs().sum() < 0.25  # total variation, sampling noise ~0.15 at n=40k
     assert abs(freq[2999] - probs[2999]) < 0.01
@@ -160,3 +161,28 @@ def test_sample_next_filters_and_greedy():
     assert set(tok.tolist()) == {2, 3}
     tok, _ = sample_next(logits, 0.0, 1.0, 0, g)
     assert set(tok.tolist()) == {3}
+
+
+def test_a_backend_registered_from_outside_is_used(lora_model):
+    """One `BACKENDS.register` call adds a backend: generate looks it up by name, hands it the
+    resolved sampling settings and returns what it returns."""
+    model, tok = lora_model
+    prompts = _prompts(tok)
+    calls = []
+
+    def counting_hf(model, prompts, sampling):
+        calls.append((len(prompts), sampling.num_samples, sampling.seed))
+        return BACKENDS.get("hf")(model, prompts, sampling)
+
+    kw = dict(max_new_tokens=5, num_samples=2, batch_size=3, seed=4, return_logprobs=True)
+    BACKENDS.register("counting_hf", counting_hf)
+    try:
+        assert "counting_hf" in BACKENDS
+        tokens, logps = generate(model, tok, prompts, backend="counting_hf", **kw)
+    finally:
+        BACKENDS.unregister("counting_hf")
+    assert calls == [(len(prompts), 2, 4)]
+    assert (tokens, logps) == generate(model, tok, prompts, backend="hf", **kw)
+    assert len(tokens) == len(prompts) and all(len(per) == 2 for per in tokens)
+    assert all(1 <= len(r) <= 5 and len(lp) == len(r) for per, lps in zip(tokens, logps)
+               for r, lp in zip(per, lps))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from msd.config import LoraConfig, LossConfig, ModelConfig
-from msd.models import Teacher, apply_lora, load_model_and_tokenizer, merged_lora
+from msd.generation import merged_lora
+from msd.models import Teacher, apply_lora, load_model_and_tokenizer
 from msd.scoring import msd_batch_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

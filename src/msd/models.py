@@ -154,27 +154,3 @@ class Teacher:
                 yield self.wrapped if self.wrapped is not None else self.model
         finally:
             self.model.train(was_training)
-
-
-@contextlib.contextmanager
-def merged_lora(model, enabled: bool = True):
-    """Fold LoRA into the base weights for fast sampling, unfold afterwards.
-
-    Only done for float32 weights: merge/unmerge round-trips in bfloat16 would move the frozen
-    base weights (the teacher) by up to 2^-8 relative per step. In float32 the round-trip error
-    is ~1 ulp. Half-precision models sample through the unmerged adapter instead.
-    """
-    do = enabled and is_peft(model) and not getattr(model, "_msd_merged", False)
-    if do:
-        dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
-        do = dtype == torch.float32
-    if not do:
-        yield model
-        return
-    model.merge_adapter()
-    model._msd_merged = True
-    try:
-        yield model
-    finally:
-        model.unmerge_adapter()
-        model._msd_merged = False
