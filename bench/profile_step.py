@@ -4,7 +4,7 @@ forward), backward and the optimizer step separately, on the benchmark model.
     python bench/profile_step.py --steps 3 --batch 8 --prompt-words 16 --new-tokens 32 [--full-ft]
     python bench/profile_step.py ... --torch-profile   # also print the top operators
 
-The phases call the functions the training loop calls (`msd.rollout.generate`,
+The phases call the functions the training loop calls (`msd.generation.generate`,
 `msd.scoring.msd_batch_loss`, backward, AdamW), split at their seams, so their sum is one
 training step. `bench/gpu_check.py` uses `setup` and `run_phases` on a GPU.
 """
@@ -31,7 +31,7 @@ def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = -1
     from msd.config import Config
     from msd.data import load_tuples
     from msd.models import Teacher, apply_lora, load_model_and_tokenizer
-    from msd.train import build_items
+    from msd.train.items import build_items
 
     cfg = Config()
     cfg.model.name_or_path, cfg.model.dtype = str(model_dir), dtype
@@ -56,7 +56,7 @@ def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = -1
 def run_phases(cfg, model, tok, teacher, items, opt, *, steps: int, warmup: int, batch: int,
                new_tokens: int, backend: str = "auto", sync=lambda: None, profiler=None):
     """Per-phase seconds of each timed step: {phase: [s, ...]}; `warmup` steps are dropped."""
-    from msd.rollout import generate
+    from msd.generation import generate
     from msd.scoring import msd_batch_loss
 
     times = {p: [] for p in PHASES}

@@ -297,7 +297,7 @@ def organism():
 
 def _greedy(model, tok, prompts):
     from msd.organism.pretrain import auto_threads, torch_threads
-    from msd.rollout import generate
+    from msd.generation import generate
 
     with torch_threads(auto_threads()):
         outs = generate(model, tok, prompts, max_new_tokens=20, temperature=0.0, batch_size=128)

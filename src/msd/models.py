@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from msd.errors import MsdError
+from msd.generation.weights import is_peft
 from msd.prompts import load_chat_template
 from msd.registry import Registry
 
@@ -115,10 +116,6 @@ def apply_lora(model, lora_cfg):
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=target, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, peft_cfg)
-
-
-def is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 class Teacher:

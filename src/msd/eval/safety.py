@@ -32,7 +32,7 @@ from msd.io import JsonlWriter, ensure_writable_dir
 
 def _generate(model, tokenizer, prompts: list[list[int]], **kw) -> list[list[list[int]]]:
     """msd.rollout.generate, imported when first needed (tests replace this function)."""
-    from msd.rollout import generate
+    from msd.generation import generate
 
     return generate(model, tokenizer, prompts, **kw)
 
@@ -110,7 +110,7 @@ def _pending(tuples, langs, num_samples, benchmark, done: dict) -> list[tuple[Qu
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    from msd.rollout import eos_ids
+    from msd.generation import eos_ids
 
     return eos_ids(model, tokenizer)
 
