@@ -8,9 +8,9 @@ import pytest
 
 from msd.data import RESOURCES
 from msd.errors import MsdError
-from msd.eval.guard import parse_guard_output
+from msd.eval.judges.guard import parse_guard_output
 from msd.eval.judges import JudgeItem, Verdict, get_judge
-from msd.eval.keyword import find_refusal, lexicon, normalise
+from msd.eval.judges.keyword import find_refusal, lexicon, normalise
 
 
 def test_registry_errors():
@@ -60,7 +60,7 @@ def test_keyword_compliance_is_unsafe(lang, response):
 
 
 def test_is_refusal_helper():
-    from msd.eval.keyword import is_refusal
+    from msd.eval.judges.keyword import is_refusal
 
     assert is_refusal("Samahani, siwezi.", "sw") and not is_refusal("Hizi ndizo hatua.", "sw")
 
