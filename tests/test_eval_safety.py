@@ -182,5 +182,5 @@ def test_tiny_model_end_to_end_multijail_cli(tiny_model_dir, tmp_path):
     lines = (out / rec.RECORDS).read_text().splitlines(keepends=True)
     (out / rec.RECORDS).write_text("".join(lines[:4]))
     assert main(argv) == 0
-    again = {rec.record_key(r): r["response"] for r in rec.load_records(out)}
-    assert again == {rec.record_key(r): r["response"] for r in records}  # greedy: same text
+    again = {rec.metrics_mod.record_key(r): r["response"] for r in rec.load_records(out)}
+    assert again == {rec.metrics_mod.record_key(r): r["response"] for r in records}  # greedy: same text
