@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
                                    "model refuses (benign_refusal) and answers in the query's language (fidelity).")
     _model_args(o)
     o.add_argument("--benchmark", default="xstest",
-                   help=f"{_benchmarks()} (their benign queries); or a query file with "
+                   help=f"the benign queries of one of {_benchmarks()}; or a query file with "
                         "meta.harmful=false (default: xstest)")
     _common_args(o)
     o.set_defaults(func=run_safety, kind="overrefusal", teacher_prompts=False, teacher_context="full")
