@@ -8,9 +8,9 @@ import pytest
 
 from msd.data import RESOURCES
 from msd.errors import MsdError
-from msd.eval.guard import parse_guard_output
+from msd.eval.judges.guard import parse_guard_output
 from msd.eval.judges import JudgeItem, Verdict, get_judge
-from msd.eval.keyword import find_refusal, lexicon, normalise
+from msd.eval.judges.keyword import find_refusal, lexicon, normalise
 
 
 def test_registry_errors():
@@ -60,7 +60,7 @@ def test_keyword_compliance_is_unsafe(lang, response):
 
 
 def test_is_refusal_helper():
-    from msd.eval.keyword import is_refusal
+    from msd.eval.judges.keyword import is_refusal
 
     assert is_refusal("Samahani, siwezi.", "sw") and not is_refusal("Hizi ndizo hatua.", "sw")
 
@@ -151,3 +151,46 @@ def test_keyword_version_is_stable_across_processes():
     versions = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
     assert len(versions) == 1 and versions == {get_judge("keyword").version}
+
+
+def test_a_new_judge_is_one_registration(tiny_model_dir, query_file, tmp_path, capsys):
+    """A judge registered from outside msd gets its `--judge` choice and its own flag in
+    `msd eval`, and its verdicts land in the records."""
+    import json
+
+    from msd.cli import main
+    from msd.eval import records as rec
+    from msd.eval.judges import JUDGES, Judge, JudgeOption
+
+    class LengthJudge(Judge):
+        name = "length"
+        summary = "long responses are unsafe"
+        options = (JudgeOption("--length-limit", "limit", int, "longest safe response in characters"),)
+
+        def __init__(self, limit: int = 10):
+            self.limit = limit
+            self.version = f"length-{limit}"
+
+        def judge(self, items):
+            return [Verdict("unsafe" if len(it.response) > self.limit else "safe", refused=False)
+                    for it in items]
+
+    JUDGES.register("length", LengthJudge)
+    try:
+        out = tmp_path / "run"
+        assert main(["eval", "safety", "--model", str(tiny_model_dir), "--benchmark", query_file,
+                     "--langs", "en,jv", "--limit", "3", "--max-new-tokens", "4", "--judge", "length",
+                     "--length-limit", "0", "--out", str(out), "--quiet"]) == 0
+        records = rec.load_records(out)
+        assert len(records) == 6
+        assert {(r["judge"], r["judge_version"]) for r in records} == {("length", "length-0")}
+        assert {r["label"] for r in records} <= {"safe", "unsafe"}
+        assert all(r["label"] == ("unsafe" if r["response"] else "safe") for r in records)
+        run = json.loads((out / rec.RUN).read_text())
+        assert run["judge"] == {"name": "length", "version": "length-0"}
+        assert main(["eval", "safety", "--model", str(tiny_model_dir), "--benchmark", query_file,
+                     "--judge", "keyword", "--length-limit", "3", "--out", str(tmp_path / "x")]) == 2
+        assert "--length-limit do(es) not apply to --judge keyword" in capsys.readouterr().err
+    finally:
+        JUDGES.unregister("length")
+    assert "length" not in JUDGES

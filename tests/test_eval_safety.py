@@ -48,10 +48,8 @@ class FakeGenerate:
 
 
 @pytest.fixture
-def fake_gen(tok, monkeypatch):
-    gen = FakeGenerate(tok)
-    monkeypatch.setattr(safety, "_generate", gen)
-    return gen
+def fake_gen(tok):
+    return FakeGenerate(tok)
 
 
 def run(tok, out, judge=None, **kw):
@@ -61,7 +59,7 @@ def run(tok, out, judge=None, **kw):
 
 
 def test_records_and_metrics(tok, fake_gen, tmp_path):
-    m = run(tok, tmp_path)
+    m = run(tok, tmp_path, generate_fn=fake_gen)
     records = rec.load_records(tmp_path)
     assert len(records) == 18
     r = records[0]
@@ -79,32 +77,32 @@ def test_records_and_metrics(tok, fake_gen, tmp_path):
 
 
 def test_resume_regenerates_only_missing(tok, fake_gen, tmp_path):
-    run(tok, tmp_path)
+    run(tok, tmp_path, generate_fn=fake_gen)
     path = tmp_path / rec.RECORDS
     lines = path.read_text().splitlines(keepends=True)
     kept = lines[::2]  # delete half the records
     path.write_text("".join(kept) + lines[1][: len(lines[1]) // 2])  # plus a torn last line
     fake_gen.prompts = 0
-    m = run(tok, tmp_path)
+    m = run(tok, tmp_path, generate_fn=fake_gen)
     assert fake_gen.prompts == 18 - len(kept)
     assert len(rec.load_records(tmp_path)) == 18
     assert len(path.read_text().splitlines()) == 18  # compacted, torn line gone
     fake_gen.prompts = 0
-    assert run(tok, tmp_path) == m and fake_gen.prompts == 0
+    assert run(tok, tmp_path, generate_fn=fake_gen) == m and fake_gen.prompts == 0
 
 
 def test_num_samples_and_limit(tok, fake_gen, tmp_path):
-    run(tok, tmp_path, num_samples=2, limit=2)
+    run(tok, tmp_path, generate_fn=fake_gen, num_samples=2, limit=2)
     keys = {(r["lang"], r["query_id"], r["sample"]) for r in rec.load_records(tmp_path)}
     assert len(keys) == 2 * 3 * 2
-    run(tok, tmp_path, num_samples=2, limit=3)  # a larger limit adds the new queries only
+    run(tok, tmp_path, generate_fn=fake_gen, num_samples=2, limit=3)  # a larger limit adds the new queries only
     assert len(rec.load_records(tmp_path)) == 3 * 3 * 2
 
 
 def test_changed_generation_settings_are_refused(tok, fake_gen, tmp_path):
-    run(tok, tmp_path)
+    run(tok, tmp_path, generate_fn=fake_gen)
     with pytest.raises(MsdError, match="max_new_tokens"):
-        run(tok, tmp_path, max_new_tokens=8)
+        run(tok, tmp_path, generate_fn=fake_gen, max_new_tokens=8)
 
 
 class Flaky(Judge):
@@ -121,34 +119,32 @@ class Flaky(Judge):
 
 def test_judge_failure_keeps_responses_and_rejudges_later(tok, fake_gen, tmp_path):
     with pytest.raises(MsdError, match="endpoint down"):
-        run(tok, tmp_path, judge=Flaky(fail=True))
+        run(tok, tmp_path, generate_fn=fake_gen, judge=Flaky(fail=True))
     records = rec.load_records(tmp_path)
     assert len(records) == 4  # the first batch was generated and kept, unjudged
     assert all(r["label"] is None and "endpoint down" in r["judge_error"] for r in records)
     assert json.loads((tmp_path / "metrics.json").read_text())  # metrics still written
     fake_gen.prompts = 0
-    m = run(tok, tmp_path, judge=Flaky(fail=False))
+    m = run(tok, tmp_path, generate_fn=fake_gen, judge=Flaky(fail=False))
     assert fake_gen.prompts == 14  # the 4 saved responses were judged, not generated again
     assert m["average"]["asr"] == 1.0 and "judge_errors" not in m["average"]
 
 
 def test_another_judge_rejudges_without_generating(tok, fake_gen, tmp_path):
-    run(tok, tmp_path)
+    run(tok, tmp_path, generate_fn=fake_gen)
     fake_gen.prompts = 0
-    m = run(tok, tmp_path, judge=Flaky(fail=False))
+    m = run(tok, tmp_path, generate_fn=fake_gen, judge=Flaky(fail=False))
     assert fake_gen.prompts == 0
     assert {r["judge"] for r in rec.load_records(tmp_path)} == {"flaky"}
     assert m["sw"]["asr"] == 1.0
 
 
-def test_teacher_prompts_use_teacher_builder(tok, tmp_path, monkeypatch):
+def test_teacher_prompts_use_teacher_builder(tok, tmp_path):
     seen = []
 
     def gen(model, tokenizer, prompts, **kw):
         seen.extend(prompts)
         return [[[tok.eos_token_id]] for _ in prompts]
-
-    monkeypatch.setattr(safety, "_generate", gen)
 
     class Builder:
         template, system_prompt = "T {query}", None
@@ -159,14 +155,14 @@ def test_teacher_prompts_use_teacher_builder(tok, tmp_path, monkeypatch):
         def teacher(self, q, english, lang):
             return [2, 3]
 
-    run(tok, tmp_path, prompt_builder=Builder(), teacher_prompts=True)
+    run(tok, tmp_path, prompt_builder=Builder(), teacher_prompts=True, generate_fn=gen)
     assert seen and all(p == [2, 3] for p in seen)
 
 
 def test_unknown_language_is_one_line_error(tok, fake_gen, tmp_path):
     with pytest.raises(MsdError, match="no query of benchmark 'toy' is in language"):
         safety.evaluate(None, tok, make_tuples(), ["bn"], get_judge("keyword"), tmp_path,
-                        benchmark="toy", progress=False)
+                        benchmark="toy", progress=False, generate_fn=fake_gen)
 
 
 def test_tiny_model_end_to_end_multijail_cli(tiny_model_dir, tmp_path):

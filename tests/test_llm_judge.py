@@ -12,7 +12,7 @@ from msd.errors import MsdError
 from msd.eval import records as rec
 from msd.eval import safety
 from msd.eval.judges import JudgeItem, get_judge
-from msd.eval.llm_judge import LLMJudge, build_prompt, parse_reply
+from msd.eval.judges.llm import LLMJudge, build_prompt, parse_reply
 
 KEY = "sk-test-SECRET-7f3a9c"
 
@@ -162,7 +162,7 @@ def test_missing_options_are_errors():
         get_judge("keyword", base_url="x")
 
 
-def test_evaluate_with_llm_judge_keeps_key_out_of_files(endpoint, tmp_path, monkeypatch):
+def test_evaluate_with_llm_judge_keeps_key_out_of_files(endpoint, tmp_path):
     from msd.data import QueryTuple
     from msd.testing import make_tokenizer
 
@@ -172,12 +172,11 @@ def test_evaluate_with_llm_judge_keeps_key_out_of_files(endpoint, tmp_path, monk
         text = ["sorry", "KILL it", "here you go"]
         return [[tok(text[sum(p) % 3], add_special_tokens=False)["input_ids"]] for p in prompts]
 
-    monkeypatch.setattr(safety, "_generate", gen)
     tuples = [QueryTuple(f"q{i}", {"en": f"make it {i}", "jv": f"jv make {i}"}) for i in range(6)]
     out = tmp_path / "run"
     judge = judge_for(endpoint, tmp_path)
     m = safety.evaluate(None, tok, tuples, ["en", "jv"], judge, out, benchmark="toy",
-                        batch_size=4, progress=False)
+                        batch_size=4, progress=False, generate_fn=gen)
     records = rec.load_records(out)
     assert len(records) == 12 and all(r["label"] in ("safe", "unsafe") for r in records)
     assert m["average"]["n"] == 12
@@ -185,7 +184,7 @@ def test_evaluate_with_llm_judge_keeps_key_out_of_files(endpoint, tmp_path, monk
     lines = (out / rec.RECORDS).read_text().splitlines(keepends=True)
     (out / rec.RECORDS).write_text("".join(lines[:6]))
     safety.evaluate(None, tok, tuples, ["en", "jv"], judge_for(endpoint, tmp_path), out, benchmark="toy",
-                    batch_size=4, progress=False)
+                    batch_size=4, progress=False, generate_fn=gen)
     assert endpoint.requests == sent  # regenerated responses were judged from the cache
     for path in tmp_path.rglob("*"):
         if path.is_file():

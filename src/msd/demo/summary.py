@@ -31,9 +31,9 @@ def table(summary: dict) -> str:
 
 def plot(summary: dict, path: Path) -> Path:
     from msd import languages
-    from msd.eval.plots import _plt, _save, grouped_bars
+    from msd.report.plots import grouped_bars, pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     langs = [c for codes in summary["languages"].values() for c in codes]
     names = [f"{c}\n{languages.get(c).name}" for c in langs]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
@@ -47,7 +47,7 @@ def plot(summary: dict, path: Path) -> Path:
         ax.set_title(f"{split.replace('_', ' ')}: attack success rate (lower is better)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(out: Path, summary: dict, checks: list[dict]) -> None:

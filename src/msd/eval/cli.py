@@ -14,15 +14,7 @@ folder continues it. `msd report` turns run folders into tables, plots and a pag
 from __future__ import annotations
 
 from msd.errors import MsdError
-
-JUDGE_FLAGS = {  # judge -> {option name: argparse dest}
-    "oracle": {},
-    "keyword": {"window": "keyword_window"},
-    "llm": {"base_url": "judge_base_url", "model": "judge_model", "concurrency": "judge_concurrency",
-            "max_retries": "judge_retries", "timeout": "judge_timeout", "cache_dir": "judge_cache_dir"},
-    "guard": {"model": "guard_model", "batch_size": "guard_batch_size",
-              "controversial": "guard_controversial"},
-}
+from msd.eval.judges import JUDGES
 
 
 def add_parser(subparsers) -> None:
@@ -37,8 +29,7 @@ def add_parser(subparsers) -> None:
                                    "judge them safe/unsafe/invalid, report ASR = (unsafe+invalid)/n per language.")
     _model_args(s)
     s.add_argument("--benchmark", default="multijail",
-                   help="multijail, xsafety, advbench, polyrefuse-harmful, xstest, organism-train, "
-                        "organism-heldout, or a .jsonl/.csv file of parallel queries (default: multijail)")
+                   help=f"{_benchmarks()}; or a .jsonl/.csv file of parallel queries (default: multijail)")
     _common_args(s)
     s.add_argument("--teacher-prompts", action="store_true",
                    help="prompt with the teacher prompt (target + English query + instruction) to "
@@ -52,9 +43,8 @@ def add_parser(subparsers) -> None:
                                    "model refuses (benign_refusal) and answers in the query's language (fidelity).")
     _model_args(o)
     o.add_argument("--benchmark", default="xstest",
-                   help="xstest (250 safe prompts), polyrefuse-harmless (13 languages), organism-train, "
-                        "organism-heldout (their benign queries), or a query file with meta.harmful=false "
-                        "(default: xstest)")
+                   help=f"the benign queries of one of {_benchmarks()}; or a query file with "
+                        "meta.harmful=false (default: xstest)")
     _common_args(o)
     o.set_defaults(func=run_safety, kind="overrefusal", teacher_prompts=False, teacher_context="full")
 
@@ -105,23 +95,32 @@ def _common_args(p) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default: 32)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     g.add_argument("--system-prompt", help="system message for every prompt (default: none)")
-    j = p.add_argument_group("judge")
-    j.add_argument("--judge", choices=list(JUDGE_FLAGS),
-                   help="oracle (organism only, exact), keyword (refusal lexicon, weak proxy), llm "
-                        "(OpenAI-compatible endpoint), guard (HF guard model). Default: oracle for "
-                        "organism benchmarks, else keyword")
-    j.add_argument("--keyword-window", type=int, help="keyword: look for refusals in the first N characters (default: 400)")
-    j.add_argument("--judge-base-url", help="llm: endpoint base URL, e.g. http://host:8000/v1 "
-                                            "(API key from the environment variable MSD_JUDGE_API_KEY)")
-    j.add_argument("--judge-model", help="llm: model name sent to the endpoint")
-    j.add_argument("--judge-concurrency", type=int, help="llm: parallel requests (default: 8)")
-    j.add_argument("--judge-retries", type=int, help="llm: tries per item before giving up (default: 4)")
-    j.add_argument("--judge-timeout", type=float, help="llm: seconds per request (default: 60)")
-    j.add_argument("--judge-cache-dir", help="llm: verdict cache folder (default: $MSD_CACHE_DIR or ~/.cache/msd)")
-    j.add_argument("--guard-model", help="guard: guard model (hub id or folder), e.g. Qwen3Guard-Gen or Llama Guard")
-    j.add_argument("--guard-batch-size", type=int, help="guard: pairs per generate call (default: 8)")
-    j.add_argument("--guard-controversial", choices=["safe", "unsafe"],
-                   help="guard: how to count Qwen3Guard's 'Controversial' (default: unsafe)")
+    _judge_args(p.add_argument_group("judge"))
+
+
+def _benchmarks() -> str:
+    from msd.data import describe
+
+    return describe()
+
+
+def _judge_flags() -> dict[str, tuple]:
+    """Flag -> (its option, the names of the judges that declare it), over every registered judge."""
+    flags: dict[str, tuple] = {}
+    for name, cls in JUDGES.items():
+        for opt in cls.options:
+            first, names = flags.get(opt.flag, (opt, ()))
+            flags[opt.flag] = (first, names + (name,))
+    return flags
+
+
+def _judge_args(g) -> None:
+    summaries = ", ".join(f"{name} ({cls.summary})" if cls.summary else name for name, cls in JUDGES.items())
+    g.add_argument("--judge", choices=JUDGES.names(),
+                   help=f"{summaries}. Default: the benchmark's own judge if it has one, else keyword")
+    for flag, (opt, names) in _judge_flags().items():
+        kw = {"choices": list(opt.choices)} if opt.choices else {}
+        g.add_argument(flag, dest=opt.dest, type=opt.type, help=f"{', '.join(names)}: {opt.help}", **kw)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -137,17 +136,15 @@ def build_judge(args):
     from msd.eval.judges import get_judge
 
     name = args.judge or getattr(args, "default_judge", None) or "keyword"
-    foreign = [dest for judge, flags in JUDGE_FLAGS.items() if judge != name for dest in flags.values()
-               if dest not in JUDGE_FLAGS[name].values() and getattr(args, dest, None) is not None]
+    own = {opt.flag: opt for opt in JUDGES.get(name).options}
+    foreign = [flag for flag, (opt, _) in _judge_flags().items()
+               if flag not in own and getattr(args, opt.dest, None) is not None]
     if foreign:
-        flags = ", ".join("--" + d.replace("_", "-") for d in foreign)
-        raise MsdError(f"{flags} do(es) not apply to --judge {name}", "--judge")
-    options = {opt: getattr(args, dest) for opt, dest in JUDGE_FLAGS[name].items()}
-    if name == "llm" and not (args.judge_base_url and args.judge_model):
-        raise MsdError("--judge llm needs --judge-base-url and --judge-model", "--judge")
-    if name == "guard" and not args.guard_model:
-        raise MsdError("--judge guard needs --guard-model", "--judge")
-    return get_judge(name, **options)
+        raise MsdError(f"{', '.join(foreign)} do(es) not apply to --judge {name}", "--judge")
+    required = [opt.flag for opt in own.values() if opt.required]
+    if any(getattr(args, own[flag].dest, None) is None for flag in required):
+        raise MsdError(f"--judge {name} needs {' and '.join(required)}", "--judge")
+    return get_judge(name, **{opt.name: getattr(args, opt.dest, None) for opt in own.values()})
 
 
 def load_model(args):

@@ -46,8 +46,9 @@ def record_key(r: dict) -> tuple:
     return (r["benchmark"], r["lang"], str(r["query_id"]), int(r.get("sample", 0)))
 
 
-def dedupe(records: list[dict]) -> list[dict]:
-    """One record per key; a later record replaces an earlier one (a re-judged sample)."""
+def latest(records) -> list[dict]:
+    """One record per key, in order of first appearance; a later record replaces an earlier one
+    (a re-judged sample). What records.jsonl means by a repeated key."""
     out: dict[tuple, dict] = {}
     for r in records:
         out[record_key(r)] = r
@@ -105,7 +106,7 @@ def _average(per_lang: dict[str, dict]) -> dict:
 
 def compute_safety(records: list[dict]) -> dict:
     by_lang: dict[str, list[dict]] = defaultdict(list)
-    for r in dedupe(records):
+    for r in latest(records):
         by_lang[r["lang"]].append(r)
     per_lang = {lang: _language_metrics(rs) for lang, rs in by_lang.items()}
     out = dict(per_lang)
@@ -116,7 +117,7 @@ def compute_safety(records: list[dict]) -> dict:
 
 def compute_utility(records: list[dict]) -> dict:
     by_task: dict[str, list[dict]] = defaultdict(list)
-    for r in dedupe(records):
+    for r in latest(records):
         by_task[r["benchmark"]].append(r)
     out: dict = {}
     for task, rs in sorted(by_task.items()):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
-from msd.eval.metrics import record_key
+from msd.eval.metrics import latest
 from msd.io import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
 
 RECORDS = "records.jsonl"
@@ -36,13 +36,12 @@ def load_records(run_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     repair_jsonl(path)
-    out: dict[tuple, dict] = {}
-    for i, r in enumerate(read_jsonl(path), start=1):
+    rows = list(read_jsonl(path))
+    for i, r in enumerate(rows, start=1):
         missing = [k for k in REQUIRED if k not in r]
         if missing:
             raise MsdError(f"record lacks field(s) {', '.join(missing)}", f"{path}:{i}")
-        out[record_key(r)] = r
-    return list(out.values())
+    return latest(rows)
 
 
 def compact(run_dir: str | Path, records: list[dict]) -> None:

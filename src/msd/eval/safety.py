@@ -10,8 +10,8 @@ error) or came from another judge. `metrics.json` is then recomputed from the re
 
 Prompts are the student prompt (`PromptBuilder.student`), or with `teacher_prompts=True` the
 teacher prompt (to measure how safe the teacher itself is). Generation goes through
-`msd.rollout.generate` (batched, left-padded); pending prompts are sorted by length first so
-each batch holds prompts of similar length.
+`default_generate()` (batched, left-padded) unless the caller passes `generate_fn`; pending
+prompts are sorted by length first so each batch holds prompts of similar length.
 """
 
 from __future__ import annotations
@@ -25,16 +25,22 @@ from msd.data import QueryTuple
 from msd.errors import MsdError
 from msd.eval import langid
 from msd.eval import records as rec
-from msd.eval.judges import Judge, JudgeItem, Verdict
+from msd.eval.judges.base import Judge, JudgeItem, Verdict
 from msd.eval.metrics import record_key
 from msd.io import JsonlWriter, ensure_writable_dir
 
 
-def _generate(model, tokenizer, prompts: list[list[int]], **kw) -> list[list[list[int]]]:
-    """msd.rollout.generate, imported when first needed (tests replace this function)."""
-    from msd.generation import generate
+def generation():
+    """The module the evaluation generates with (`generate`, `eos_ids`), imported when first
+    needed. Callers may pass their own generate function instead (`generate_fn`, same
+    signature as its `generate`)."""
+    from msd import generation as module
 
-    return generate(model, tokenizer, prompts, **kw)
+    return module
+
+
+def default_generate():
+    return generation().generate
 
 
 def _judge_meta(t: QueryTuple, english: str) -> dict:
@@ -109,12 +115,6 @@ def _pending(tuples, langs, num_samples, benchmark, done: dict) -> list[tuple[Qu
     return work
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    from msd.generation import eos_ids
-
-    return eos_ids(model, tokenizer)
-
-
 def _new_records(work, outs, benchmark: str, tokenizer, max_new_tokens: int, eos: set[int],
                  english: str) -> tuple[list[dict], list[dict]]:
     """Records (not yet judged) for the missing samples of each (tuple, lang), and judge metas."""
@@ -151,10 +151,13 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
              out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              num_samples: int = 1, batch_size: int = 32, seed: int = 0, limit: int | None = None,
-             progress: bool = True, english: str = "en", run_info: dict | None = None) -> dict:
-    """Generate, judge and record every missing (lang, query, sample); return metrics.json."""
+             progress: bool = True, english: str = "en", run_info: dict | None = None,
+             generate_fn=None) -> dict:
+    """Generate, judge and record every missing (lang, query, sample); return metrics.json.
+    `generate_fn` replaces the default generate function (`default_generate()`)."""
     from tqdm.auto import tqdm
 
+    generate = generate_fn or default_generate()
     out_dir = ensure_writable_dir(out_dir)
     tuples = list(tuples)[:limit] if limit else list(tuples)
     check_langs(tuples, langs, benchmark)
@@ -176,7 +179,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                else prompt_builder.student(t.texts[lang]) for t, lang, _ in work]
     order = sorted(range(len(work)), key=lambda i: -len(prompts[i]))
     n_new = sum(len(work[i][2]) for i in order)
-    gen_seconds, t_start, eos = 0.0, time.time(), _eos_ids(model, tokenizer)
+    gen_seconds, t_start, eos = 0.0, time.time(), generation().eos_ids(model, tokenizer)
     try:
         with JsonlWriter(Path(out_dir) / rec.RECORDS) as writer:
             n_rejudged = _rejudge(judge, tuples, langs, done, writer, english, batch_size)
@@ -184,7 +187,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 t0 = time.time()
-                outs = _generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
                                  batch_size=batch_size, seed=seed + start, progress=False)
                 gen_seconds += time.time() - t0

@@ -15,6 +15,7 @@ from msd import languages
 from msd.data import DATASETS, DatasetSpec
 from msd.models import MODEL_SOURCES
 from msd.organism import ensure_organism, eval_queries, training_queries, world
+from msd.organism import judge  # noqa: F401  (registers the oracle judge)
 
 for lang in world.LANGS:
     if lang.code != "en":

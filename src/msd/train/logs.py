@@ -16,7 +16,7 @@ LOGS = "logs.jsonl"
 
 def default_refusal_check() -> Callable[[str, str], bool]:
     try:
-        from msd.eval.keyword import is_refusal
+        from msd.eval.judges.keyword import is_refusal
         return is_refusal
     except ImportError:  # evaluation extras missing: log no refusal rate
         return lambda text, lang: False

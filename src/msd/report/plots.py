@@ -12,12 +12,13 @@ from pathlib import Path
 
 from msd.eval import metrics as M
 from msd.io import atomic_write_bytes
+from msd.report.runs import ordered_langs
 
 COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
 UNSAFE, INVALID = "#C44E52", "#B8B8B8"
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,10 +28,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -83,12 +84,10 @@ def _series(runs, langs: list[str], key: str, with_ci: bool = False):
 
 def plot_section(section: dict, out: Path) -> list[Path]:
     """The PNGs of one (kind, benchmark) group of runs."""
-    from msd.report import ordered_langs
-
     runs, bench = section["runs"], section["benchmark"]
     if section["kind"] == "utility":
         return [plot_utility(runs, out / "utility.png")]
-    plt = _plt()
+    plt = pyplot()
     langs = ordered_langs(runs)
     paths = []
     if any("asr" in r.metrics.get(lang, {}) for r in runs for lang in langs):
@@ -98,20 +97,20 @@ def plot_section(section: dict, out: Path) -> list[Path]:
         judge = (runs[-1].info.get("judge") or {}).get("name", "")
         ax.set_title(f"Attack success rate by language — {bench}" + (f" (judge: {judge})" if judge else "")
                      + "\nlower is better; whiskers: Wilson 95% interval")
-        paths.append(_save(fig, out / f"asr_{_slug(bench)}.png"))
+        paths.append(save_figure(fig, out / f"asr_{_slug(bench)}.png"))
         paths.append(plot_split(runs, groups, bench, out / f"asr_split_{_slug(bench)}.png"))
     if any("benign_refusal" in r.metrics.get(lang, {}) for r in runs for lang in langs):
         groups = langs + [M.AVERAGE]
         fig, ax = plt.subplots(figsize=(_width(len(groups), len(runs)), 4))
         grouped_bars(ax, groups, _series(runs, groups, "benign_refusal"), "refused (%)")
         ax.set_title(f"Refusals of benign requests — {bench}\nlower is better")
-        paths.append(_save(fig, out / f"overrefusal_{_slug(bench)}.png"))
+        paths.append(save_figure(fig, out / f"overrefusal_{_slug(bench)}.png"))
     return paths
 
 
 def plot_split(runs, groups: list[str], bench: str, path: Path) -> Path:
     """One panel per run: unsafe (bottom) and invalid (top) share per language."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(max(6.0, 0.45 * len(groups) + 1.5) * min(len(runs), 2), 4),
                              sharey=True, squeeze=False)
     for ax, run in zip(axes[0], runs):
@@ -130,12 +129,12 @@ def plot_split(runs, groups: list[str], bench: str, path: Path) -> Path:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.suptitle(f"Unsafe vs invalid responses — {bench} (ASR = unsafe + invalid)", y=1.04)
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_utility(runs, path: Path) -> Path:
     """Scores per task; with two or more runs, a second panel with the deltas (pp)."""
-    plt = _plt()
+    plt = pyplot()
     tasks = list(dict.fromkeys(t for r in runs for t in r.metrics if t != M.AVERAGE))
     n_panels = 2 if len(runs) > 1 else 1
     fig, axes = plt.subplots(1, n_panels, figsize=(_width(len(tasks), len(runs)) * (1 if n_panels == 1 else 1.6), 4),
@@ -160,7 +159,7 @@ def plot_utility(runs, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, -1.0), max(hi, 1.0) * 1.15)  # room for the legend
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_token_weights(trains, out: Path, max_pos: int = 64) -> Path | None:
@@ -172,7 +171,7 @@ def plot_token_weights(trains, out: Path, max_pos: int = 64) -> Path | None:
                                []).append(list(zip(row["weights"], row["divergence"])))
     if not by_mode:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, (ax_w, ax_d) = plt.subplots(1, 2, figsize=(11, 3.6))
     for k, (mode, rows) in enumerate(sorted(by_mode.items())):
         sums: dict[int, list[float]] = {}
@@ -192,4 +191,4 @@ def plot_token_weights(trains, out: Path, max_pos: int = 64) -> Path | None:
     ax_w.legend(frameon=False, fontsize=8)
     for ax in (ax_w, ax_d):
         ax.grid(alpha=0.3)
-    return _save(fig, out / "token_weights.png")
+    return save_figure(fig, out / "token_weights.png")

@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from msd.eval import metrics as M
+from msd.report.runs import run_line, section_title
 
 MAX_CHARS = 400  # of an evaluation response shown in the page
 
@@ -89,7 +90,7 @@ def _changed_pairs(runs, samples: int) -> str:
     return "\n".join(parts)
 
 
-def _show_token(tok: str) -> str:
+def show_token(tok: str) -> str:
     """Byte-level BPE / sentencepiece markers made readable."""
     return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵\n").replace("ĉ", "\t")
 
@@ -100,7 +101,7 @@ def display_tokens(tokens: list[str]) -> list[str]:
     carry nothing, so a space goes between them."""
     tokens = [str(t) for t in tokens]
     if any(t.startswith(("Ġ", "▁")) for t in tokens):
-        return [_show_token(t) for t in tokens]
+        return [show_token(t) for t in tokens]
     out = []
     for i, t in enumerate(tokens):
         if t.startswith("##"):
@@ -151,14 +152,12 @@ def _token_section(trains, samples: int) -> str:
 
 def render(sections: list[dict], trains, out: Path, *, token_plot: Path | None = None,
            samples: int = 3) -> str:
-    from msd.report import _run_line, section_title
-
     body = ["<h1>MSD evaluation report</h1>",
             "<p>Every number is recomputed from the runs' records. ASR = (unsafe + invalid) / n, in %, "
             "with Wilson 95% intervals in brackets; Δ in percentage points against the first run.</p>"]
     for s in sections:
         body.append(f"<h2>{escape(section_title(s))}</h2><ul>")
-        body += [f"<li>{escape(_run_line(r)[2:].replace('**', '').replace('`', ''))}</li>" for r in s["runs"]]
+        body += [f"<li>{escape(run_line(r)[2:].replace('**', '').replace('`', ''))}</li>" for r in s["runs"]]
         body.append("</ul>")
         body += [f'<div class="warn">{escape(w)}</div>' for w in s["warnings"]]
         for title, rows in s["tables"]:

@@ -22,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from msd.data import RESOURCES
-from msd.eval.judges import Judge, JudgeItem, Verdict
+from msd.eval.judges.base import JUDGES, Judge, JudgeItem, JudgeOption, Verdict
 
-OWN_KEYWORDS = Path(__file__).resolve().parent.parent / "resources" / "keywords" / "refusal.json"
+OWN_KEYWORDS = Path(__file__).resolve().parents[2] / "resources" / "keywords" / "refusal.json"
 
 # Vendored entries (by their English text) that fire on ordinary helpful text: greetings, role
 # statements, a bare "No," and words that a helpful answer about safety or law uses. Dropped by
@@ -87,8 +87,12 @@ def is_refusal(text: str, lang: str) -> bool:
     return find_refusal(text, lang) is not None
 
 
+@JUDGES.register("keyword")
 class KeywordJudge(Judge):
     name = "keyword"
+    summary = "refusal lexicon, weak proxy"
+    options = (JudgeOption("--keyword-window", "window", int,
+                           "look for refusals in the first N characters (default: 400)"),)
 
     def __init__(self, window: int | None = 400, include_generic: bool = False):
         self.window = window

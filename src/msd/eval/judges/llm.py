@@ -34,8 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from msd import languages
 from msd.errors import MsdError
-from msd.eval.judges import LABELS, Judge, JudgeItem, Verdict
-from msd.io import JsonlWriter, read_jsonl
+from msd.eval.judges.base import JUDGES, LABELS, Judge, JudgeItem, JudgeOption, Verdict
+from msd.io import JsonlWriter, cache_root, read_jsonl
 
 PROMPT_VERSION = "llm-judge-v1"
 KEY_ENV = "MSD_JUDGE_API_KEY"
@@ -93,8 +93,20 @@ class _Retry(Exception):
     """A failure worth another try (5xx, timeout, connection refused, malformed reply)."""
 
 
+@JUDGES.register("llm")
 class LLMJudge(Judge):
     name = "llm"
+    summary = "OpenAI-compatible endpoint"
+    options = (
+        JudgeOption("--judge-base-url", "base_url", str, "endpoint base URL, e.g. http://host:8000/v1 "
+                    f"(API key from the environment variable {KEY_ENV})", required=True),
+        JudgeOption("--judge-model", "model", str, "model name sent to the endpoint", required=True),
+        JudgeOption("--judge-concurrency", "concurrency", int, "parallel requests (default: 8)"),
+        JudgeOption("--judge-retries", "max_retries", int, "tries per item before giving up (default: 4)"),
+        JudgeOption("--judge-timeout", "timeout", float, "seconds per request (default: 60)"),
+        JudgeOption("--judge-cache-dir", "cache_dir", str,
+                    "verdict cache folder (default: $MSD_CACHE or ~/.cache/msd)"),
+    )
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = KEY_ENV, concurrency: int = 8,
                  max_retries: int = 4, timeout: float = 60.0, backoff: float = 1.0,
@@ -111,8 +123,7 @@ class LLMJudge(Judge):
         self._key = os.environ.get(api_key_env) or None
         self.concurrency, self.max_retries = max(1, concurrency), max(1, max_retries)
         self.timeout, self.backoff, self.max_tokens = timeout, backoff, max_tokens
-        cache_root = Path(cache_dir or os.environ.get("MSD_CACHE_DIR") or Path.home() / ".cache" / "msd")
-        self.cache_path = cache_root / "llm_judge_cache.jsonl"
+        self.cache_path = Path(cache_dir or cache_root()) / "llm_judge_cache.jsonl"
         self._cache = self._load_cache()
         self._lock = threading.Lock()
         self.requests_sent = 0  # for tests and logs

@@ -1,0 +1,92 @@
+"""`msd report DIR [DIR...]`: tables, plots and a page built from run records alone.
+
+    msd report runs/eval-before runs/eval-after runs/train --out runs/report
+
+Inputs are evaluation run folders (records.jsonl; see msd.eval.records) and training folders
+(token_batches/step_<N>.jsonl). Metrics are recomputed from the records (STYLE rule 10), never
+read from metrics.json, so a report always matches its records. Runs of the same kind and
+benchmark are compared in the order given: the first is "before", each later one "after", with
+deltas. The report warns when compared runs used different judges or generation settings.
+
+Modules: runs (loading run folders), markdown (report.md), plots (the PNGs), html (report.html).
+
+Outputs in --out:
+    report.md                    per-language tables with Wilson 95% intervals and deltas
+    asr_<benchmark>.png          ASR per language, one bar per run, interval whiskers
+    asr_split_<benchmark>.png    unsafe vs invalid share per language and run
+    overrefusal_<benchmark>.png  benign refusal per language (when benign queries exist)
+    utility.png                  utility score per task and run (when utility runs are given)
+    token_weights.png            mean DPSW weight and divergence by response position
+    report.html                  one self-contained page: the tables, the plots, and sampled
+                                 training responses with every token coloured by its DPSW
+                                 weight or divergence (msd.report.html)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from msd.errors import MsdError
+from msd.io import atomic_write_text
+from msd.report import plots
+from msd.report.html import render
+from msd.report.markdown import benign_table, render_markdown, safety_table, utility_table
+from msd.report.runs import groups, load_inputs, top_tokens, warnings_for
+
+__all__ = ["add_parser", "build", "load_inputs", "safety_table", "top_tokens"]
+
+
+def build(dirs: list[str], out: str | Path, *, labels: list[str] | None = None,
+          samples: int = 3) -> dict:
+    """Write report.md, the PNGs and report.html into `out`; return {name: path}."""
+    evals, trains = load_inputs(dirs, labels)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[dict] = []  # shared by the markdown and the HTML page
+    for (kind, benchmark), runs in groups(evals).items():
+        section = {"kind": kind, "benchmark": benchmark, "runs": runs, "tables": [],
+                   "plots": [], "warnings": warnings_for(runs) if len(runs) > 1 else []}
+        if kind == "utility":
+            section["tables"].append(("Utility (lm-evaluation-harness)", utility_table(runs)))
+        else:
+            if any("asr" in m for r in runs for m in r.metrics.values()):
+                section["tables"].append((f"Attack success rate, {benchmark}", safety_table(runs)))
+            if any("n_benign" in m for r in runs for m in r.metrics.values()):
+                section["tables"].append((f"Over-refusal and language fidelity, {benchmark}", benign_table(runs)))
+        section["plots"] = plots.plot_section(section, out)
+        sections.append(section)
+    token_plot = plots.plot_token_weights(trains, out) if trains else None
+    files = {"markdown": out / "report.md", "html": out / "report.html"}
+    atomic_write_text(files["markdown"], render_markdown(sections, trains, token_plot))
+    atomic_write_text(files["html"], render(sections, trains, out, token_plot=token_plot,
+                                                        samples=samples))
+    for s in sections:
+        for p in s["plots"]:
+            files[p.stem] = p
+    if token_plot:
+        files["token_weights"] = token_plot
+    return files
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="tables, plots and an HTML page from evaluation and training runs",
+        description="Build a report from run folders: evaluation runs (records.jsonl) and training "
+                    "runs (token_batches/). Runs of the same benchmark are compared in the order given "
+                    "(first = before). Everything is recomputed from the records.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="evaluation run folders and/or training folders")
+    p.add_argument("--out", default="msd-report", help="output folder (default: ./msd-report)")
+    p.add_argument("--labels", help="comma-separated names for the folders, in order (default: folder names)")
+    p.add_argument("--samples", type=int, default=3,
+                   help="responses shown per language and step in the HTML page (default: 3)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args) -> int:
+    if args.samples < 0:
+        raise MsdError(f"must be at least 0, got {args.samples}", "--samples")
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    files = build(args.dirs, args.out, labels=labels, samples=args.samples)
+    for name, path in files.items():
+        print(f"{name:>16}: {path}")
+    return 0
