@@ -8,11 +8,13 @@ T response tokens, H hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from msd.config import LossConfig, chunk_size_for
+from msd.chunked import chunked_msd_loss
+from msd.losses import LossOutput, LossSpec, msd_loss_with_stats
 from msd.memory import trim_heap
 
 
@@ -73,22 +75,28 @@ def response_logits(model, batch: Batch, T: int) -> torch.Tensor:
     return out.logits[:, :T]
 
 
-def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, pad_id,
-                   loss_cfg: LossConfig):
-    """The MSD loss of one batch (Eq. 8) and its per-token statistics (`losses.LossOutput`)."""
-    from msd import chunked, losses
+def model_softcap(model) -> float | None:
+    """The model's final logit soft-cap (Gemma 2), which its forward applies after lm_head."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):  # multimodal configs (Gemma 3) nest it
+        config = config.get_text_config()
+    return getattr(config, "final_logit_softcapping", None)
 
+
+def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, pad_id,
+                   spec: LossSpec, chunk_size: int) -> LossOutput:
+    """The MSD loss of one batch (Eq. 8) and its per-token statistics.
+
+    chunk_size: response tokens per chunk of the chunked loss (resolved for the device by the
+    caller); 0 scores the full logits with the plain loss."""
     device = next(model.parameters()).device
     s_batch = build_inputs(student_prompts, responses, pad_id, device)
     t_batch = build_inputs(teacher_prompts, responses, pad_id, device)
     mask_BT = response_mask(responses, device)
     T = mask_BT.shape[1]
-    kw = dict(kind=loss_cfg.divergence, weighting=loss_cfg.weighting, top_k=loss_cfg.top_k,
-              beta=loss_cfg.beta)
     # The chunked loss calls the teacher's head outside `teacher.scope()`, so it is only exact
     # when the head carries no LoRA adapter.
     head_adapted = hasattr(output_head(model), "lora_A")
-    chunk_size = chunk_size_for(loss_cfg, device.type)
     if chunk_size > 0 and not head_adapted:
         with teacher.scope() as t_model:
             t_hidden_BTH = response_hidden(t_model, t_batch, T)
@@ -96,13 +104,10 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
         if device.type == "cpu":
             trim_heap()  # the teacher forward's freed activations, before the student's
         s_hidden_BTH = response_hidden(model, s_batch, T)
-        config = getattr(model, "config", None)
-        if hasattr(config, "get_text_config"):  # multimodal configs (Gemma 3) nest it
-            config = config.get_text_config()
-        softcap = getattr(config, "final_logit_softcapping", None)
-        return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,
-                                        mask_BT, chunk_size=chunk_size, softcap=softcap, **kw)
+        spec = dataclasses.replace(spec, softcap=model_softcap(model))
+        return chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head, mask_BT,
+                                spec, chunk_size=chunk_size)
     with teacher.scope() as t_model:
         t_logits_BTV = response_logits(t_model, t_batch, T)
     s_logits_BTV = response_logits(model, s_batch, T)
-    return losses.msd_loss_with_stats(s_logits_BTV, t_logits_BTV, mask_BT, **kw)
+    return msd_loss_with_stats(s_logits_BTV, t_logits_BTV, mask_BT, spec)

@@ -24,10 +24,11 @@ from typing import Callable
 import torch
 
 from msd import checkpoint, languages
-from msd.config import Config, to_dict, to_yaml
+from msd.config import Config, chunk_size_for, to_dict, to_yaml
 from msd.data import QueryTuple, load_tuples, split
 from msd.errors import MsdError
 from msd.io import JsonlWriter, atomic_write_text, ensure_writable_dir, read_jsonl
+from msd.losses import LossSpec
 from msd.memory import trim_heap
 from msd.models import Teacher, apply_lora, is_peft, load_model_and_tokenizer
 from msd.prompts import PromptBuilder
@@ -314,7 +315,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, tuples: list[QueryTuple] |
             with accelerator.accumulate(model):
                 out = msd_batch_loss(model, teacher, [it.student_ids for it in rows],
                                      [it.teacher_ids for it in rows], responses,
-                                     tokenizer.pad_token_id, loss_cfg)
+                                     tokenizer.pad_token_id, LossSpec.of(loss_cfg),
+                                     chunk_size_for(loss_cfg, accelerator.device.type))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     grad_norm = _grad_norm(params)
