@@ -95,10 +95,11 @@ def _worker_msd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     cfg.train.output_dir = str(out_dir)
     model, _ = load_model_and_tokenizer(cfg.model)
     # CPU seconds per step: from its micro-batch to its statistics (after the optimizer step).
-    import msd.train as mt
+    import msd.train.logs as mt_logs
+    import msd.train.loop as mt
 
     starts, cpu = [], []
-    micro_batch, accumulate_stats = mt.micro_batch, mt._accumulate_stats
+    micro_batch, accumulate_stats = mt.micro_batch, mt_logs.accumulate_stats
 
     def timed_micro_batch(*args, **kw):
         starts.append(time.process_time())
@@ -108,7 +109,7 @@ def _worker_msd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
         cpu.append(time.process_time() - starts[-1])
         return accumulate_stats(*args, **kw)
 
-    mt.micro_batch, mt._accumulate_stats = timed_micro_batch, timed_stats
+    mt.micro_batch, mt_logs.accumulate_stats = timed_micro_batch, timed_stats
     result = train(cfg, model=model, tokenizer=load_bench_tokenizer(model_dir), progress=False, resume=False)
     CPU_TIMES[:] = cpu[a.warmup:]
     return [h["step_s"] for h in result.history[a.warmup:]]

@@ -25,6 +25,7 @@ import torch
 
 from msd.chunked import chunked_msd_loss
 from msd.config import LossConfig, chunk_size_for
+from msd.losses import LossSpec
 
 
 def parse_args(argv=None):
@@ -87,7 +88,7 @@ def run_variant(args) -> dict:
     student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = inputs
     out = chunked_msd_loss(
         h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT,
-        kind=args.kind, weighting=args.weighting, chunk_size=chunk_size,
+        LossSpec(args.kind, args.weighting), chunk_size=chunk_size,
     )
     out.loss.backward()
     if cuda:

@@ -57,6 +57,8 @@ def run_phases(cfg, model, tok, teacher, items, opt, *, steps: int, warmup: int,
                new_tokens: int, backend: str = "auto", sync=lambda: None, profiler=None):
     """Per-phase seconds of each timed step: {phase: [s, ...]}; `warmup` steps are dropped."""
     from msd.generation import generate
+    from msd.config import chunk_size_for
+    from msd.losses import LossSpec
     from msd.scoring import msd_batch_loss
 
     times = {p: [] for p in PHASES}
@@ -76,7 +78,8 @@ def run_phases(cfg, model, tok, teacher, items, opt, *, steps: int, warmup: int,
         responses = [s[0] or [tok.eos_token_id] for s in samples]
         mark()
         out = msd_batch_loss(model, teacher, [it.student_ids for it in part],
-                             [it.teacher_ids for it in part], responses, tok.pad_token_id, cfg.loss)
+                             [it.teacher_ids for it in part], responses, tok.pad_token_id,
+                             LossSpec.of(cfg.loss), chunk_size_for(cfg.loss, next(model.parameters()).device.type))
         mark()
         out.loss.backward()
         mark()

@@ -35,7 +35,8 @@ def worker(variant: str, model_dir: str, batch: int, new_tokens: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from msd.config import LoraConfig, LossConfig, ModelConfig
+    from msd.config import LoraConfig, LossConfig, ModelConfig, chunk_size_for
+    from msd.losses import LossSpec
     from msd.models import Teacher, apply_lora, load_model_and_tokenizer
     from msd.scoring import msd_batch_loss
 
@@ -56,7 +57,9 @@ def worker(variant: str, model_dir: str, batch: int, new_tokens: int) -> dict:
     t_prompts = [torch.randint(10, 1000, (96,), generator=g).tolist() for _ in range(batch)]
     responses = [torch.randint(10, 1000, (new_tokens,), generator=g).tolist() for _ in range(batch)]
     model.train()
-    out = msd_batch_loss(model, teacher, prompts, t_prompts, responses, tok.pad_token_id, LossConfig())
+    loss_cfg = LossConfig()
+    out = msd_batch_loss(model, teacher, prompts, t_prompts, responses, tok.pad_token_id,
+                         LossSpec.of(loss_cfg), chunk_size_for(loss_cfg, "cpu"))
     out.loss.backward()
     return {"variant": variant, "param_bytes": params, "peak_rss_mib": peak_rss_mib(),
             "base_rss_mib": base_rss}

@@ -4,11 +4,14 @@ T response tokens, H hidden size, V vocabulary."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from msd import losses
+from msd import chunked, divergences, losses
 from msd.chunked import chunked_msd_loss
+from msd.losses import Divergence, LossSpec, Weighting
 
 B, T, H, V = 3, 11, 16, 300
 CHUNK_SIZES = [4, 16]  # 4 does not divide T; 16 >= T is a single chunk
@@ -31,14 +34,14 @@ def make_case(seed=0, empty_row=False):
     return student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT
 
 
-def run(student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT, chunk_size, **kw):
+def run(student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT, chunk_size, spec=LossSpec()):
     """Loss stats and gradients wrt student hidden states, head weight and head bias."""
     student_head.zero_grad(set_to_none=True)
     h_s_BTH = h_s_BTH.clone().requires_grad_()
     if chunk_size is None:  # the reference: the plain loss on full logits
-        out = losses.msd_loss_with_stats(student_head(h_s_BTH), teacher_head(h_t_BTH), mask_BT, **kw)
+        out = losses.msd_loss_with_stats(student_head(h_s_BTH), teacher_head(h_t_BTH), mask_BT, spec)
     else:
-        out = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, chunk_size=chunk_size, **kw)
+        out = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, spec, chunk_size=chunk_size)
     out.loss.backward()
     return out, (h_s_BTH.grad, student_head.weight.grad, student_head.bias.grad)
 
@@ -58,10 +61,10 @@ def assert_same(actual, expected):
 @pytest.mark.parametrize("kind", list(losses.DIVERGENCES))
 def test_chunked_equals_plain(kind, weighting):
     case = make_case()
-    kw = dict(kind=kind, weighting=weighting, top_k=8)
-    expected = run(*case, chunk_size=None, **kw)
+    spec = LossSpec(kind, weighting, top_k=8)
+    expected = run(*case, chunk_size=None, spec=spec)
     for chunk_size in CHUNK_SIZES:
-        assert_same(run(*case, chunk_size=chunk_size, **kw), expected)
+        assert_same(run(*case, chunk_size=chunk_size, spec=spec), expected)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, T - 1, T])
@@ -74,8 +77,8 @@ def test_chunked_equals_plain_for_any_chunk_size(chunk_size):
 @pytest.mark.parametrize("kind", list(losses.DIVERGENCES))
 def test_chunked_all_masked_row(kind, weighting):
     case = make_case(seed=1, empty_row=True)
-    expected = run(*case, chunk_size=None, kind=kind, weighting=weighting)
-    out, grads = run(*case, chunk_size=4, kind=kind, weighting=weighting)
+    expected = run(*case, chunk_size=None, spec=LossSpec(kind, weighting))
+    out, grads = run(*case, chunk_size=4, spec=LossSpec(kind, weighting))
     assert out.loss.grad_fn is not None and torch.isfinite(out.loss)
     assert all(torch.isfinite(g).all() for g in grads)
     assert (grads[0][1] == 0).all() and (out.w_BT[1] == 0).all()
@@ -123,9 +126,9 @@ def test_unknown_names_fail_before_the_heads_run():
         raise AssertionError("head ran")
 
     with pytest.raises(ValueError, match="choices"):
-        chunked_msd_loss(h_s_BTH, h_t_BTH, never, never, mask_BT, kind="kl")
+        chunked_msd_loss(h_s_BTH, h_t_BTH, never, never, mask_BT, LossSpec("kl"))
     with pytest.raises(ValueError, match="choices"):
-        chunked_msd_loss(h_s_BTH, h_t_BTH, never, never, mask_BT, weighting="entropy")
+        chunked_msd_loss(h_s_BTH, h_t_BTH, never, never, mask_BT, LossSpec(weighting="entropy"))
 
 
 # ----------------------------------------------------------------------------- the fused path
@@ -133,31 +136,29 @@ def test_unknown_names_fail_before_the_heads_run():
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("kind", list(losses.DIVERGENCES))
 def test_closed_form_gradient_equals_autograd(kind, beta):
-    from msd.chunked import divergence_and_grad
-
     g = torch.Generator().manual_seed(3)
     z_s_CV = (2 * torch.randn(6, 40, generator=g, dtype=torch.float64)).requires_grad_()
     z_t_CV = 2 * torch.randn(6, 40, generator=g, dtype=torch.float64)
     logp_s_CV, logp_t_CV = torch.log_softmax(z_s_CV, -1), torch.log_softmax(z_t_CV, -1)
-    div_C = losses.divergence_from_log_probs(logp_s_CV, logp_t_CV, kind, beta)
+    spec = LossSpec(kind, beta=beta)
+    div_C = losses.divergence_from_log_probs(logp_s_CV, logp_t_CV, spec)
     coef_C = torch.rand(6, generator=g, dtype=torch.float64)
     (expected_CV,) = torch.autograd.grad((coef_C * div_C).sum(), z_s_CV)
-    div2_C, grad_CV = divergence_and_grad(logp_s_CV.detach(), logp_t_CV, kind, beta)
+    entry = losses.DIVERGENCES.get(kind)
+    div2_C, grad_CV = entry.grad(logp_s_CV.detach(), logp_t_CV, **entry.options(spec))
     torch.testing.assert_close(div2_C, div_C.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_CV * coef_C[:, None], expected_CV, rtol=1e-9, atol=1e-12)
 
 
 def count_head_passes(monkeypatch):
-    from msd import chunked
-
     calls = []
-    real = chunked._chunk_grad
+    real = chunked.chunk_terms
 
     def counting(*args, **kw):
         calls.append(len(args[0]))
         return real(*args, **kw)
 
-    monkeypatch.setattr(chunked, "_chunk_grad", counting)
+    monkeypatch.setattr(chunked, "chunk_terms", counting)
     return calls
 
 
@@ -171,10 +172,10 @@ def test_frozen_head_backward_reruns_no_head(monkeypatch, kind, shared):
     if shared:
         teacher_head = student_head
     h_s_BTH = h_s_BTH.clone().requires_grad_()
-    expected = losses.msd_loss_with_stats(student_head(h_s_BTH), teacher_head(h_t_BTH), mask_BT, kind)
+    expected = losses.msd_loss_with_stats(student_head(h_s_BTH), teacher_head(h_t_BTH), mask_BT, LossSpec(kind))
     (grad_expected,) = torch.autograd.grad(expected.loss, h_s_BTH)
     calls = count_head_passes(monkeypatch)
-    out = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, kind=kind, chunk_size=5)
+    out = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, LossSpec(kind), chunk_size=5)
     n_forward = len(calls)
     (grad,) = torch.autograd.grad(out.loss, h_s_BTH)
     assert n_forward == -(-int(mask_BT.sum()) // 5) and len(calls) == n_forward
@@ -194,16 +195,16 @@ def test_softcap_is_applied_after_the_head(fused):
     cap = 3.0
     capped = lambda head: (lambda h: torch.tanh(head(h) / cap) * cap)  # noqa: E731
     h = h_s_BTH.clone().requires_grad_()
-    ref = losses.msd_loss_with_stats(capped(student_head)(h), capped(teacher_head)(h_t_BTH), mask_BT, "jsd")
+    ref = losses.msd_loss_with_stats(capped(student_head)(h), capped(teacher_head)(h_t_BTH), mask_BT, LossSpec("jsd"))
     ref.loss.backward()
     expected = ref, (h.grad, student_head.weight.grad, student_head.bias.grad)
     heads = (student_head, teacher_head) if fused else (lambda h: student_head(h), lambda h: teacher_head(h))
     student_head.zero_grad(set_to_none=True)
     h = h_s_BTH.clone().requires_grad_()
-    out = chunked_msd_loss(h, h_t_BTH, *heads, mask_BT, kind="jsd", chunk_size=4, softcap=cap)
+    out = chunked_msd_loss(h, h_t_BTH, *heads, mask_BT, LossSpec("jsd", softcap=cap), chunk_size=4)
     out.loss.backward()
     assert_same((out, (h.grad, student_head.weight.grad, student_head.bias.grad)), expected)
-    uncapped = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, kind="jsd", chunk_size=4)
+    uncapped = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, LossSpec("jsd"), chunk_size=4)
     assert abs(uncapped.loss.item() - out.loss.item()) > 1e-3
 
 
@@ -237,7 +238,7 @@ def test_trained_head_gradient_is_formed_in_the_forward(monkeypatch, chunk_size)
     """Full fine-tuning: the head's gradient is accumulated row by row in the forward (rows
     longer than a chunk included), so the backward reruns no head, and it equals the plain one."""
     case = make_case(seed=7)
-    expected = run(*case, chunk_size=None, kind="rkl")
+    expected = run(*case, chunk_size=None, spec=LossSpec("rkl"))
     calls = count_head_passes(monkeypatch)
     student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = case
     student_head.zero_grad(set_to_none=True)
@@ -247,3 +248,107 @@ def test_trained_head_gradient_is_formed_in_the_forward(monkeypatch, chunk_size)
     out.loss.backward()
     assert len(calls) == n_forward and max(calls) <= chunk_size
     assert_same((out, (h.grad, student_head.weight.grad, student_head.bias.grad)), expected)
+
+
+# ----------------------------------------------------------------------------- registering new entries
+
+def hellinger_sq(logp_s_CV, logp_t_CV):
+    """Squared Hellinger distance, 1/2 sum_v (sqrt p_S - sqrt p_T)^2."""
+    return 0.5 * ((0.5 * logp_s_CV).exp() - (0.5 * logp_t_CV).exp()).square().sum(-1)
+
+
+def kl_mix(logp_s_CV, logp_t_CV, beta=0.5):
+    """beta KL(p_T||p_S) + (1 - beta) KL(p_S||p_T): a parameter taken from the LossSpec."""
+    return (beta * divergences.kl_teacher_student(logp_s_CV, logp_t_CV)
+            + (1 - beta) * divergences.kl_student_teacher(logp_s_CV, logp_t_CV))
+
+
+def teacher_top_mass(logp_s_CV, logp_t_CV, top_k=32):
+    """The teacher's probability mass on its top-K tokens."""
+    return logp_t_CV.topk(min(top_k, logp_t_CV.shape[-1]), dim=-1).values.logsumexp(-1).exp()
+
+
+NEW_DIVERGENCES = {"hellinger_sq": Divergence(hellinger_sq), "kl_mix": Divergence(kl_mix, params=("beta",))}
+
+
+@contextlib.contextmanager
+def registered(registry, name, entry):
+    registry.register(name, entry)
+    try:
+        yield name
+    finally:
+        registry.unregister(name)
+
+
+class WrappedHead(torch.nn.Module):
+    """A head that is not a plain nn.Linear (like a LoRA-wrapped lm_head): the checkpointed path."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, h):
+        return self.linear(h)
+
+
+def by_hand(case, spec, value, raw):
+    """The plain loss written out with the new entry's functions (Eq. 8)."""
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = case
+    with torch.no_grad():
+        logp_s, logp_t = losses.log_probs(student_head(h_s_BTH)), losses.log_probs(teacher_head(h_t_BTH))
+    w_raw_BT = torch.where(mask_BT, raw(logp_s, logp_t), torch.zeros(()))
+    w_BT = mask_BT.sum(-1, keepdim=True) * w_raw_BT / (w_raw_BT.sum(-1, keepdim=True) + losses.WEIGHT_EPS)
+    return losses.masked_row_mean(value(logp_s, logp_t), w_BT, mask_BT)
+
+
+@pytest.mark.parametrize("name", list(NEW_DIVERGENCES))
+def test_registered_divergence_without_gradient_works_plain_and_chunked(monkeypatch, name):
+    """A divergence registered with its value only: the plain loss uses it, with its parameter
+    from the spec, and the chunked loss (a Linear head or any other) equals the plain loss."""
+    case = make_case(seed=8)
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = case
+    spec = LossSpec(name, "dpsw", top_k=8, beta=0.3)
+    with registered(losses.DIVERGENCES, name, NEW_DIVERGENCES[name]):
+        assert name in losses.DIVERGENCES.names()
+        expected = run(*case, chunk_size=None, spec=spec)
+        value = lambda s, t: NEW_DIVERGENCES[name].value(s, t, **NEW_DIVERGENCES[name].options(spec))  # noqa: E731
+        raw = lambda s, t: losses.teacher_confidence(t, 8) * losses.student_doubt(s, t)  # noqa: E731
+        torch.testing.assert_close(expected[0].loss, by_hand(case, spec, value, raw), rtol=1e-5, atol=1e-7)
+        if name == "kl_mix":  # beta reached the divergence
+            other = run(*case, chunk_size=None, spec=LossSpec(name, "dpsw", top_k=8, beta=0.9))
+            assert abs(other[0].loss.item() - expected[0].loss.item()) > 1e-4
+        calls = count_head_passes(monkeypatch)
+        for chunk_size in (0, 4, 16):
+            assert_same(run(*case, chunk_size=chunk_size, spec=spec), expected)
+        assert calls == []  # no closed-form gradient: the checkpointed path, not the fused one
+        wrapped = WrappedHead(student_head)
+        for chunk_size in (4, 16):
+            assert_same(run(wrapped, WrappedHead(teacher_head), h_s_BTH, h_t_BTH, mask_BT, chunk_size, spec),
+                        expected)
+    assert name not in losses.DIVERGENCES
+    with pytest.raises(ValueError, match="choices"):
+        losses.check_options(spec)
+
+
+@pytest.mark.parametrize("kind", ["rkl", "jsd", "hellinger_sq"])
+def test_registered_weighting_works_plain_and_chunked(kind):
+    """A new token weighting, with a parameter (top_k) from the spec, in the plain loss and in
+    the chunked loss: fused (rkl, jsd) and checkpointed (a value-only divergence, a wrapped head)."""
+    case = make_case(seed=9)
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = case
+    spec = LossSpec(kind, "teacher_top_mass", top_k=3)
+    with registered(losses.DIVERGENCES, "hellinger_sq", NEW_DIVERGENCES["hellinger_sq"]), \
+            registered(losses.WEIGHTINGS, "teacher_top_mass", Weighting(teacher_top_mass, params=("top_k",))):
+        assert "teacher_top_mass" in losses.WEIGHTINGS.names()
+        expected = run(*case, chunk_size=None, spec=spec)
+        value = lambda s, t: losses.divergence_from_log_probs(s, t, spec)  # noqa: E731
+        raw = lambda s, t: teacher_top_mass(s, t, top_k=3)  # noqa: E731
+        torch.testing.assert_close(expected[0].loss, by_hand(case, spec, value, raw), rtol=1e-5, atol=1e-7)
+        mean_B = expected[0].w_BT.sum(-1) / mask_BT.sum(-1)
+        torch.testing.assert_close(mean_B, torch.ones(B), rtol=1e-6, atol=1e-6)
+        for chunk_size in CHUNK_SIZES:
+            assert_same(run(*case, chunk_size=chunk_size, spec=spec), expected)
+            assert_same(run(WrappedHead(student_head), WrappedHead(teacher_head), h_s_BTH, h_t_BTH, mask_BT,
+                            chunk_size, spec), expected)
+    assert "teacher_top_mass" not in losses.WEIGHTINGS and "hellinger_sq" not in losses.DIVERGENCES

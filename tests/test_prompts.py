@@ -59,6 +59,6 @@ def test_response_tokens_line_up_under_both_prompts(model_tok):
             ref = model(input_ids=ids).logits[0, len(p) - 1:len(p) - 1 + len(r)]
             torch.testing.assert_close(logits_BTV[i, :len(r)], ref, atol=1e-5, rtol=1e-4)
             # Same response ids sit right after the prompt in both batches.
-            assert batch.ids_BL[i, batch.prompt_cols:batch.prompt_cols + len(r)].tolist() == r
+            assert batch.ids_BS[i, batch.prompt_cols:batch.prompt_cols + len(r)].tolist() == r
     mask = response_mask(responses, "cpu")
     assert mask.sum(-1).tolist() == [len(r) for r in responses]

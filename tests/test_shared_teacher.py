@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from msd.config import LoraConfig, LossConfig, ModelConfig
+from msd.config import LoraConfig, ModelConfig
 from msd.generation import merged_lora
+from msd.losses import LossSpec
 from msd.models import Teacher, apply_lora, load_model_and_tokenizer
 from msd.scoring import msd_batch_loss
 
@@ -38,7 +39,7 @@ def _step(model, teacher, tok, lr=1e-2):
     opt = torch.optim.SGD(params, lr=lr)
     model.train()
     out = msd_batch_loss(model, teacher, student, teach, responses, tok.pad_token_id,
-                         LossConfig(chunk_size=2))
+                         LossSpec(), 2)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -3,42 +3,43 @@
 Both sequences are `left-padded prompt | response | right padding`, so every row's response
 starts at the same column P and the response logits are the positions P-1 .. P+T-2 under both
 prompts: the tokens line up one-to-one by construction. Shapes: B rows, P prompt columns,
-T response tokens, H hidden size, V vocabulary.
+T response tokens, S = P + T sequence columns, H hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from msd.config import LossConfig, chunk_size_for
+from msd.chunked import chunked_msd_loss
+from msd.losses import LossOutput, LossSpec, msd_loss_with_stats
 from msd.memory import trim_heap
+from msd.padding import left_pad
 
 
 @dataclass
 class Batch:
-    ids_BL: torch.Tensor  # prompt + response token ids
-    mask_BL: torch.Tensor  # 1 on real tokens
-    pos_BL: torch.Tensor  # position ids (0 at each row's first real token)
+    ids_BS: torch.Tensor  # prompt + response token ids
+    mask_BS: torch.Tensor  # 1 on real tokens
+    pos_BS: torch.Tensor  # position ids (0 at each row's first real token)
     prompt_cols: int  # P: response starts at this column
 
 
 def build_inputs(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> Batch:
-    """(B, P+T) inputs: left-padded prompts followed by right-padded responses."""
-    P = max(len(p) for p in prompts)
+    """(B, S = P + T) inputs: left-padded prompts followed by right-padded responses."""
+    ids_BP, mask_BP = left_pad(prompts, pad_id)
     T = max(1, max(len(r) for r in responses))
-    B = len(prompts)
-    ids_BL = torch.full((B, P + T), pad_id, dtype=torch.long)
-    mask_BL = torch.zeros((B, P + T), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids_BL[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        mask_BL[i, P - len(p):P] = 1
+    ids_BT = torch.full((len(responses), T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(responses), T), dtype=torch.long)
+    for i, r in enumerate(responses):
         if r:
-            ids_BL[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-            mask_BL[i, P:P + len(r)] = 1
-    pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids_BL.to(device), mask_BL.to(device), pos_BL.to(device), P)
+            ids_BT[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask_BT[i, :len(r)] = 1
+    ids_BS, mask_BS = torch.cat([ids_BP, ids_BT], 1), torch.cat([mask_BP, mask_BT], 1)
+    pos_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids_BS.to(device), mask_BS.to(device), pos_BS.to(device), ids_BP.shape[1])
 
 
 def response_mask(responses: list[list[int]], device) -> torch.Tensor:
@@ -59,36 +60,42 @@ def output_head(model):
 
 def response_hidden(model, batch: Batch, T: int) -> torch.Tensor:
     """(B, T, H) final hidden states at the positions that predict the T response tokens."""
-    out = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL, position_ids=batch.pos_BL,
+    out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
                 output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    hidden_BLH = out.hidden_states[-1]
+    hidden_BSH = out.hidden_states[-1]
     P = batch.prompt_cols
-    return hidden_BLH[:, P - 1:P - 1 + T]
+    return hidden_BSH[:, P - 1:P - 1 + T]
 
 
 def response_logits(model, batch: Batch, T: int) -> torch.Tensor:
     """(B, T, V) logits predicting the T response tokens (only the last T+1 positions are projected)."""
-    out = model(input_ids=batch.ids_BL, attention_mask=batch.mask_BL, position_ids=batch.pos_BL,
+    out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
                 use_cache=False, logits_to_keep=T + 1)
     return out.logits[:, :T]
 
 
-def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, pad_id,
-                   loss_cfg: LossConfig):
-    """The MSD loss of one batch (Eq. 8) and its per-token statistics (`losses.LossOutput`)."""
-    from msd import chunked, losses
+def model_softcap(model) -> float | None:
+    """The model's final logit soft-cap (Gemma 2), which its forward applies after lm_head."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):  # multimodal configs (Gemma 3) nest it
+        config = config.get_text_config()
+    return getattr(config, "final_logit_softcapping", None)
 
+
+def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, pad_id,
+                   spec: LossSpec, chunk_size: int) -> LossOutput:
+    """The MSD loss of one batch (Eq. 8) and its per-token statistics.
+
+    chunk_size: response tokens per chunk of the chunked loss (resolved for the device by the
+    caller); 0 scores the full logits with the plain loss."""
     device = next(model.parameters()).device
     s_batch = build_inputs(student_prompts, responses, pad_id, device)
     t_batch = build_inputs(teacher_prompts, responses, pad_id, device)
     mask_BT = response_mask(responses, device)
     T = mask_BT.shape[1]
-    kw = dict(kind=loss_cfg.divergence, weighting=loss_cfg.weighting, top_k=loss_cfg.top_k,
-              beta=loss_cfg.beta)
     # The chunked loss calls the teacher's head outside `teacher.scope()`, so it is only exact
     # when the head carries no LoRA adapter.
     head_adapted = hasattr(output_head(model), "lora_A")
-    chunk_size = chunk_size_for(loss_cfg, device.type)
     if chunk_size > 0 and not head_adapted:
         with teacher.scope() as t_model:
             t_hidden_BTH = response_hidden(t_model, t_batch, T)
@@ -96,13 +103,10 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
         if device.type == "cpu":
             trim_heap()  # the teacher forward's freed activations, before the student's
         s_hidden_BTH = response_hidden(model, s_batch, T)
-        config = getattr(model, "config", None)
-        if hasattr(config, "get_text_config"):  # multimodal configs (Gemma 3) nest it
-            config = config.get_text_config()
-        softcap = getattr(config, "final_logit_softcapping", None)
-        return chunked.chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head,
-                                        mask_BT, chunk_size=chunk_size, softcap=softcap, **kw)
+        spec = dataclasses.replace(spec, softcap=model_softcap(model))
+        return chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head, mask_BT,
+                                spec, chunk_size=chunk_size)
     with teacher.scope() as t_model:
         t_logits_BTV = response_logits(t_model, t_batch, T)
     s_logits_BTV = response_logits(model, s_batch, T)
-    return losses.msd_loss_with_stats(s_logits_BTV, t_logits_BTV, mask_BT, **kw)
+    return msd_loss_with_stats(s_logits_BTV, t_logits_BTV, mask_BT, spec)
