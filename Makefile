@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,utility]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,utility,baselines]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,6 +17,7 @@ COMMANDS = [  # (module providing add_parser, fallback help when its extras are 
     ("msd.eval.cli", "eval"),
     ("msd.demo", "demo"),
     ("msd.report", "report"),
+    ("msd.baselines.cli", "baseline"),
 ]
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
+from msd.baselines.options import BaselineConfig, data_names, method_names
 from msd.errors import MsdError, closest
 
 
@@ -120,6 +121,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)  # msd baseline (msd.baselines)
 
 
 TRAINER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
@@ -163,7 +165,8 @@ def _model_sources() -> list[str]:
 
 
 # Keys that take a registered name or something else (a file, a hub id): listed, not enforced.
-REGISTERED = {"data.source": _datasets, "model.name_or_path": _model_sources}
+REGISTERED = {"data.source": _datasets, "model.name_or_path": _model_sources,
+              "baseline.data": data_names}
 
 
 class _Choices(Mapping):
@@ -192,6 +195,8 @@ CHOICES = _Choices({
     "train.mode": lambda: ["on_policy", "off_policy"],
     "train.schedule": lambda: ["cosine", "linear", "constant"],
     "train.mixed_precision": lambda: ["no", "bf16", "fp16"],
+    "baseline.method": method_names,
+    "baseline.loss_type": lambda: ["sigmoid", "robust", "ipo"],
 })
 MINIMUM = {"loss.chunk_size": -1, "loss.top_k": 1}
 

@@ -2,6 +2,7 @@
 
     msd demo                      # build/reuse the organism, evaluate, train, evaluate, report
     msd demo --ablations          # plus the paper's comparisons, one table
+    msd demo --baselines          # plus MSD against SFT, DPO, KTO, ORPO, SimPO (baselines.md)
 
 Steps: (1) build or reuse the organism (`msd.organism.ensure_organism`); (2) evaluate it with
 the student prompt on both organism splits in every language, and with the teacher prompt
@@ -34,7 +35,7 @@ from msd.errors import MsdError
 
 def run_demo(out: str | Path = "runs/demo", ablations: bool = False, seed: int = 0,
              overrides=(), eval_limit: int | None = None, cache_dir: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, baselines: bool = False) -> dict:
     """Run the demo; returns summary.json's content. `eval_limit` caps harmful and benign
     queries per split (tests); `overrides` are dotted config overrides for the MSD run.
     Torch uses the cores not busy with other work (`auto_threads`; MSD_THREADS overrides)."""
@@ -43,6 +44,10 @@ def run_demo(out: str | Path = "runs/demo", ablations: bool = False, seed: int =
     threads = auto_threads()
     with torch_threads(threads):
         summary = _run_demo(Path(out), ablations, seed, overrides, eval_limit, cache_dir, progress)
+        if baselines:
+            from msd.demo.baselines import demo_baselines
+
+            summary["baselines"] = demo_baselines(Path(out), seed, overrides, eval_limit, progress, summary)
     return summary
 
 
@@ -126,6 +131,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ablations", action="store_true",
                    help="also rerun the paper's comparisons (on/off-policy, DPSW/uniform, "
                         "rkl/fkl/jsd, teacher contexts, top-K) and write ablations.md")
+    p.add_argument("--baselines", action="store_true",
+                   help="also train SFT, DPO (sigmoid, robust, ipo), KTO, ORPO, SimPO (TRL) and "
+                        "off-policy MSD with the same steps and LoRA; write baselines.json/.md/.png")
     p.add_argument("--seed", type=int, default=0, help="seed of MSD sampling and training (default: 0)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate at most this many harmful and this many benign queries per "
@@ -145,6 +153,7 @@ def run(args) -> int:
     if args.eval_limit is not None and args.eval_limit < 1:
         raise MsdError("--eval-limit must be at least 1")
     summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
-                       eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet)
+                       eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,
+                       baselines=args.baselines)
     failed = not all(c["pass"] for c in summary["checks"])
     return 1 if args.strict and failed else 0

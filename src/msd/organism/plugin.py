@@ -16,6 +16,7 @@ from msd.data import DATASETS, DatasetSpec
 from msd.models import MODEL_SOURCES
 from msd.organism import ensure_organism, eval_queries, training_queries, world
 from msd.organism import judge  # noqa: F401  (registers the oracle judge)
+from msd.organism import baseline_data  # noqa: F401  (registers baseline.data: organism)
 
 for lang in world.LANGS:
     if lang.code != "en":

@@ -1,0 +1,140 @@
+"""`msd baseline METHOD`: one baseline run on TRL's own trainer, laid out like `msd train`.
+
+    from msd.baselines.run import train_baseline
+    result = train_baseline(load_config("x.yaml", ["baseline.method=dpo"]))
+
+Same model loading (`msd.models`), LoRA (`msd.models.apply_lora`; with LoRA the reference
+model of DPO/KTO is the adapter-disabled base, like MSD's teacher) or full fine-tuning, and
+the same outputs: `config.yaml` (resolved), `logs.jsonl` (one record per logged step),
+`checkpoints/checkpoint-N` (TRL's own, with msd's `state.json` holding the config
+fingerprint, so a resumed run with other settings is refused) and `final/` (model or
+adapter in Hugging Face format, via `msd.train.checkpoint.save_final`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from msd.baselines.data import load_examples, trl_rows
+from msd.baselines.methods import METHODS
+from msd.config import to_dict, to_yaml
+from msd.errors import MsdError
+from msd.io import JsonlWriter, atomic_write_json, atomic_write_text, ensure_writable_dir
+from msd.models import apply_lora, is_peft, load_model_and_tokenizer
+from msd.train import checkpoint, logs
+from msd.train.loop import TrainResult
+
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+CHECKPOINTS = "checkpoints"
+
+
+def trl_args(cfg, out_dir: Path, progress: bool) -> dict:
+    """TrainingArguments fields from msd's train section (the names msd train uses)."""
+    import torch
+
+    tc = cfg.train
+    return dict(
+        output_dir=str(out_dir / CHECKPOINTS), learning_rate=tc.lr, weight_decay=tc.weight_decay,
+        warmup_steps=min(tc.warmup_ratio, 0.999),  # a float below 1 is a share of the steps
+        lr_scheduler_type=SCHEDULES[tc.schedule], max_grad_norm=tc.max_grad_norm,
+        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs, max_steps=tc.max_steps or -1, seed=tc.seed, data_seed=tc.seed,
+        bf16=tc.mixed_precision == "bf16", fp16=tc.mixed_precision == "fp16",
+        gradient_checkpointing=tc.gradient_checkpointing, logging_steps=tc.log_every,
+        save_strategy="steps" if tc.save_every else "no", save_steps=tc.save_every or 500,
+        save_total_limit=tc.keep_checkpoints, report_to=_trackers(tc), disable_tqdm=not progress,
+        max_length=cfg.baseline.max_length, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0)
+
+
+def _trackers(tc) -> list[str]:
+    return (["tensorboard"] if tc.tensorboard else []) + (["wandb"] if tc.wandb else [])
+
+
+def make_callback(cfg, out_dir: Path):
+    """logs.jsonl records (msd's names: step, loss, lr) and state.json in each checkpoint."""
+    from transformers import TrainerCallback
+
+    keys = checkpoint.resume_keys(to_dict(cfg))
+
+    class MsdCallback(TrainerCallback):
+        def __init__(self):
+            self.log = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+                return
+            if self.log is None:
+                self.log = JsonlWriter(out_dir / LOGS)
+            rec = {"step": state.global_step, "method": cfg.baseline.method}
+            rec.update({("lr" if k == "learning_rate" else k): v for k, v in logs.items()
+                        if isinstance(v, (int, float))})
+            self.log.write(rec)
+            self.log.flush()
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic_write_json(ckpt / "state.json", checkpoint.run_state(
+                    keys, state.global_step, cfg.train.grad_accum, None))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.log is not None:
+                self.log.close()
+
+    return MsdCallback()
+
+
+LOGS = logs.LOGS
+
+
+def resume_point(cfg, out_dir: Path, resume: bool | None) -> str | None:
+    """TRL's latest checkpoint to resume from (None: start fresh), config checked first."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    root = out_dir / CHECKPOINTS
+    ckpt = get_last_checkpoint(str(root)) if resume is not False and root.is_dir() else None
+    if resume and ckpt is None:
+        raise MsdError("--resume given but the output folder holds no checkpoint", str(out_dir))
+    if ckpt is not None:
+        checkpoint.check_config(Path(ckpt), checkpoint.resume_keys(to_dict(cfg)))
+        step = checkpoint.read_state(Path(ckpt))["step"]
+        logs.drop_logs_after(out_dir, step)
+        print(f"msd: resuming from {ckpt} (step {step})")
+    else:
+        logs.drop_logs_after(out_dir, 0)
+    return ckpt
+
+
+def train_baseline(cfg, *, model=None, tokenizer=None, progress: bool = True,
+                   resume: bool | None = None) -> TrainResult:
+    """Run `cfg.baseline.method` on TRL's trainer; returns msd's TrainResult (output_dir/final)."""
+    from datasets import Dataset
+
+    method = METHODS.get(cfg.baseline.method)
+    out_dir = ensure_writable_dir(cfg.train.output_dir)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    ckpt = resume_point(cfg, out_dir, resume)
+    examples = load_examples(cfg, model, tokenizer, progress)
+    rows = trl_rows(method.kind, examples, cfg.prompt.system_prompt)
+    if not rows:
+        raise MsdError(f"{cfg.baseline.method} needs {method.kind} examples and {cfg.baseline.data} "
+                       "gave none (pairs need a rejected answer that differs from the chosen one)",
+                       "baseline.data")
+    atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_text(out_dir / "baseline_data.jsonl",  # what the trainer saw, for inspection
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if cfg.lora.enabled and not is_peft(model):
+        model = apply_lora(model, cfg.lora)
+    model.train()
+    trainer = method.build(model, tokenizer, trl_args(cfg, out_dir, progress), cfg.baseline,
+                           Dataset.from_list(rows), [make_callback(cfg, out_dir)])
+    output = trainer.train(resume_from_checkpoint=ckpt)
+    tokenizer.padding_side = "left"  # TRL may change it; msd's generation reads left-padded prompts
+    final = checkpoint.save_final(trainer.model, tokenizer, out_dir, to_yaml(cfg), trainer.accelerator)
+    print(f"msd: saved {final}")
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.eval()
+    return TrainResult(unwrapped, tokenizer, out_dir, output.global_step)

@@ -1,0 +1,75 @@
+"""`baseline.data: self_generated`: baseline data with no paid data (the "self-generated" variant).
+
+For each training item (query x student language, exactly MSD's items): the frozen model's
+sample under MSD's teacher prompt (target query + English query + instruction) is the chosen
+answer / SFT target, and the model's own sample under the student prompt is the rejected one.
+The teacher samples are MSD's off-policy cache (`msd.train.responses.teacher_samples`, same
+file and fingerprint, so an off-policy MSD run and a baseline share them); the student samples
+are cached beside them the same way (resumable, one record per item). [ours: the paper's
+baselines use translated response data; this variant needs none.]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from msd.baselines.data import BASELINE_DATA, Pair
+from msd.data import load_tuples
+from msd.generation import generate
+from msd.io import JsonlWriter, read_jsonl
+from msd.models import Teacher
+from msd.train import responses
+from msd.train.checkpoint import fingerprint
+from msd.train.loop import training_items
+
+
+def student_cache_path(cfg, cache_dir: Path) -> Path:
+    teacher = responses.cache_path(cfg, cache_dir).name.split(".")[1]  # model, rollout, seed
+    fp = fingerprint([teacher, cfg.prompt.system_prompt, cfg.model.enable_thinking])
+    return Path(cache_dir) / f"student_samples.{fp}.jsonl"
+
+
+def student_samples(cfg, state, model, tokenizer, items, path: Path, progress: bool) -> dict:
+    """Sample every item once from the model under the student prompt; cached, resumable."""
+    r = cfg.rollout
+    if state.is_main_process:
+        done = {rec["key"] for rec in read_jsonl(path)} if path.exists() else set()
+        chunk = max(1, r.batch_size)
+        todo = [c for c in range(0, len(items), chunk) if any(it.key not in done for it in items[c:c + chunk])]
+        if todo:
+            with JsonlWriter(path) as out:
+                for c in todo:
+                    part = items[c:c + chunk]
+                    samples = generate(model, tokenizer, [it.student_ids for it in part],
+                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                       top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
+                                       batch_size=r.batch_size, seed=cfg.train.seed + 7919 + c,
+                                       progress=progress, merge_lora=False, backend=r.backend)
+                    out.write_many({"key": it.key, "samples": s} for it, s in zip(part, samples))
+    state.wait_for_everyone()
+    return {rec["key"]: rec["samples"] for rec in read_jsonl(path)}
+
+
+@BASELINE_DATA.register("self_generated")
+def self_generated(cfg, model, tokenizer, progress: bool = True) -> list[Pair]:
+    from accelerate import PartialState
+
+    tuples = load_tuples(cfg.data.source, cfg.data.english)
+    texts = {t.id: t.texts for t in tuples}
+    items = training_items(cfg, tuples, tokenizer, 1)
+    cache_dir = Path(cfg.baseline.cache_dir or Path(cfg.train.output_dir) / "baseline_cache")
+    state = PartialState()
+    # The frozen model as MSD's teacher (theta_0); no copy: nothing trains while it samples.
+    run = SimpleNamespace(accelerator=state, teacher=Teacher(model, frozen_copy=model), sharded=False)
+    chosen = responses.teacher_samples(cfg, run, tokenizer, items, cache_dir, progress)
+    rejected = student_samples(cfg, state, model, tokenizer, items,
+                               student_cache_path(cfg, cache_dir), progress)
+    out = []
+    for it in items:
+        for good, bad in zip(chosen[it.key], rejected[it.key]):
+            good_text = tokenizer.decode(good, skip_special_tokens=True).strip()
+            bad_text = tokenizer.decode(bad, skip_special_tokens=True).strip()
+            if good_text and bad_text:  # an empty sample (EOS first) teaches nothing
+                out.append(Pair(texts[it.query_id][it.lang], good_text, bad_text, it.lang))
+    return out
