@@ -93,7 +93,7 @@ def test_bad_data_through_the_cli_is_one_line(tmp_path, tiny_model_dir, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a"}])
     code = main(["baseline", "dpo", "--quiet", f"model.name_or_path={tiny_model_dir}",
                  f"baseline.data={path}", f"train.output_dir={tmp_path / 'out'}"])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert code == 2 and err == f"msd: error: {path}:1: missing field 'rejected'"
     assert main(["baseline", "dpo", "baseline.loss_type=hinge"]) == 2
     assert "baseline.loss_type' must be one of ['ipo', 'robust', 'sigmoid']" in capsys.readouterr().err

@@ -76,8 +76,8 @@ def make_callback(cfg, out_dir: Path):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                atomic_write_json(ckpt / "state.json", checkpoint.run_state(
-                    keys, state.global_step, cfg.train.grad_accum, None))
+                atomic_write_json(ckpt / "state.json", {**checkpoint.run_state(
+                    keys, state.global_step, cfg.train.grad_accum, None), "step": state.global_step})
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.log is not None:
