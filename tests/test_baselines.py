@@ -221,3 +221,16 @@ print("ok")
                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert res.returncode == 0, res.stderr
     assert "ok" in res.stdout and "msd: error: this command is unavailable" in res.stderr
+
+
+PAPER = sorted((Path(__file__).resolve().parent.parent / "configs" / "paper" / "baselines").glob("*.yaml"))
+
+
+def test_paper_baseline_configs_cover_every_model_and_method():
+    names = {p.name for p in PAPER}
+    for model in ("qwen2.5-7b-instruct", "qwen3-8b", "llama-2-7b-chat", "llama-3-8b-instruct"):
+        for method in ("sft", "dpo", "kto", "orpo", "simpo"):
+            assert f"{model}-{method}.yaml" in names
+    for path in PAPER:
+        cfg = load_config(path)
+        assert path.name.endswith(f"-{cfg.baseline.method}.yaml") and cfg.baseline.data == "self_generated"
