@@ -234,3 +234,28 @@ def test_paper_baseline_configs_cover_every_model_and_method():
     for path in PAPER:
         cfg = load_config(path)
         assert path.name.endswith(f"-{cfg.baseline.method}.yaml") and cfg.baseline.data == "self_generated"
+
+
+def test_demo_baselines_writes_every_method(tmp_path):
+    """The harness on three methods of two steps each (not the real comparison)."""
+    from msd import organism
+    from msd.demo.baselines import METHODS, run_baselines
+    from msd.organism.pretrain import auto_threads, torch_threads
+
+    assert {"msd_on_policy", "msd_off_policy", "sft", "dpo", "kto", "orpo", "simpo"} <= set(METHODS)
+    langs = [c for codes in organism.LANGUAGES.values() for c in codes]
+    on_policy = {s: {c: {"asr": 1.0, "benign_refusal": 0.0, "fidelity": 1.0, "n": 1} for c in langs}
+                 for s in organism.SPLITS}
+    with torch_threads(auto_threads()):
+        result = run_baselines(tmp_path, 0, organism.training_queries(), str(organism.ensure_organism()),
+                               (on_policy, 1.0), ["train.max_steps=2", "data.limit=8"], limit=2,
+                               progress=False, names=["msd_on_policy", "dpo_robust", "simpo"])
+    saved = json.loads((tmp_path / "baselines.json").read_text())
+    assert list(saved["methods"]) == ["msd_on_policy", "dpo_robust", "simpo"] and saved["steps"] == 2
+    for entry in saved["methods"].values():
+        assert set(entry["heldout_queries"]) == set(langs) and entry["wall_seconds"] >= 0
+        assert set(entry["train_queries"]["qab"]) == {"asr", "benign_refusal", "fidelity"}
+    assert saved == result and (tmp_path / "baselines.png").stat().st_size > 0
+    assert "| dpo_robust |" in (tmp_path / "baselines.md").read_text()
+    trained = load_config(tmp_path / "baselines" / "simpo" / "train" / "config.yaml")
+    assert (trained.baseline.method, trained.lora.r, trained.baseline.data) == ("simpo", 4, "organism")
