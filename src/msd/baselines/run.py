@@ -97,13 +97,15 @@ def resume_point(cfg, out_dir: Path, resume: bool | None) -> str | None:
     ckpt = get_last_checkpoint(str(root)) if resume is not False and root.is_dir() else None
     if resume and ckpt is None:
         raise MsdError("--resume given but the output folder holds no checkpoint", str(out_dir))
+    from accelerate import PartialState
+
+    step = 0
     if ckpt is not None:
         checkpoint.check_config(Path(ckpt), checkpoint.resume_keys(to_dict(cfg)))
         step = checkpoint.read_state(Path(ckpt))["step"]
-        logs.drop_logs_after(out_dir, step)
         print(f"msd: resuming from {ckpt} (step {step})")
-    else:
-        logs.drop_logs_after(out_dir, 0)
+    if PartialState().is_main_process:
+        logs.drop_logs_after(out_dir, step)  # the steps after it are about to be redone
     return ckpt
 
 
