@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
             importlib.import_module(module).add_parser(sub)
         except ImportError as e:
             p = sub.add_parser(name, help=f"(unavailable: {e})")
+            # Fixed bug: its arguments (msd baseline sft ...) were refused as unrecognized,
+            # hiding the line that says what to install.
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(func=lambda args, e=e: _unavailable(e))
     return parser
 
