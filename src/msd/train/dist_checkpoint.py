@@ -88,14 +88,14 @@ def save_checkpoint(run, out_dir: Path, step: int, state: dict, keep: int) -> No
 
 def load_checkpoint(run, path: Path) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; returns state.json."""
-    if run.engine == "plain":
-        return checkpoint.load_checkpoint(path, run.unwrapped, run.optimizer, run.scheduler)
     path, acc = Path(path), run.accelerator
     saved = checkpoint.read_state(path)
     if saved.get("engine", "plain") != run.engine:
         raise MsdError(f"checkpoint was written by a {saved.get('engine', 'plain')} run, this is a "
                        f"{run.engine} run; launch it the same way or use a new train.output_dir",
                        str(path))
+    if run.engine == "plain":
+        return checkpoint.load_checkpoint(path, run.unwrapped, run.optimizer, run.scheduler)
     try:
         if run.engine == "fsdp2":
             import torch.distributed.checkpoint as dcp

@@ -27,8 +27,8 @@ FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 def fsdp_requested() -> bool:
     """Whether the launch asks for FSDP (then msd shards with FSDP2 itself)."""
-    if os.environ.get(FSDP_ENV, "false").lower() != "true":
-        return False
+    if os.environ.get(FSDP_ENV, "false").lower() != "true" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False  # one process: nothing to shard
     if os.environ.get("FSDP_VERSION", "2").strip() != "2":
         raise MsdError("msd shards with FSDP2 only: set `fsdp_version: 2` in the accelerate config "
                        "(or FSDP_VERSION=2 with torchrun)", "FSDP_VERSION")
