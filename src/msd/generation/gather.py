@@ -42,6 +42,25 @@ def reshard_policy(model) -> None:
     mods[0].set_reshard_after_forward(not trainable, recurse=False)
 
 
+def fsdp2_fits(model, free_bytes: int, share: float) -> bool:
+    """Whether the gathered weights (full size, compute dtype) fit in `share` of the free memory
+    on every process (agreed: all must gather, or none)."""
+    import torch
+    import torch.distributed as dist
+
+    mods = fsdp2_modules(model)
+    policy = mods[0]._get_fsdp_state()._mp_policy if mods else None
+    size = torch.tensor([], dtype=policy.param_dtype).element_size() \
+        if policy is not None and policy.param_dtype is not None else None
+    need = sum(p.numel() * (size or p.element_size()) for p in model.parameters())
+    free = torch.tensor([float(free_bytes)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            free = free.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return need <= share * float(free[0])
+
+
 @contextlib.contextmanager
 def fsdp2_gathered(model):
     """All-gather every FSDP2 unit's weights once; no re-sharding until exit. Collective: every

@@ -19,9 +19,10 @@ import weakref
 
 import torch
 
-from msd.generation.gather import fsdp2_gathered, fsdp2_modules, zero3_gathered
+from msd.generation.gather import fsdp2_fits, fsdp2_gathered, fsdp2_modules, zero3_gathered
 
 COPY_MEMORY_SHARE = 0.5  # half-precision LoRA: the merged copy may use this share of free memory
+GATHER_MEMORY_SHARE = 0.8  # FSDP2: the gathered weights for a rollout may use this share of free memory
 
 
 @dataclasses.dataclass
@@ -65,11 +66,16 @@ def full_weights(wrapped):
     (FSDP v1: plain `generate` with `synced_gpus`).
 
     FSDP2 and DeepSpeed ZeRO-3: every weight is gathered once and the engine's hooks stand still
-    until exit (`msd.generation.gather`). FSDP (v1): the root unit's parameters (embeddings,
+    until exit (`msd.generation.gather`); FSDP2 falls back to gathering layer by layer inside
+    each forward when the full weights would not fit in GATHER_MEMORY_SHARE of free memory. FSDP (v1): the root unit's parameters (embeddings,
     final norm, head) are gathered; the inner units gather their own in their forward. No-op for
     DDP / one process.
     """
     if fsdp2_modules(wrapped):
+        device = next(wrapped.parameters()).device
+        if not fsdp2_fits(wrapped, _free_bytes(device), GATHER_MEMORY_SHARE):
+            yield False  # too big to gather: each layer gathers itself in forward (slow, fits)
+            return
         with fsdp2_gathered(wrapped):
             yield True
         return

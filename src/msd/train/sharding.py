@@ -64,7 +64,7 @@ def shard(model, device: torch.device, mixed_precision: str) -> None:
     if model is None:
         return
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if mixed_precision == "fp16":
         raise MsdError("FSDP: train.mixed_precision=fp16 needs loss scaling msd does not do with "
@@ -74,10 +74,28 @@ def shard(model, device: torch.device, mixed_precision: str) -> None:
     # asked, gradients are reduced in float32.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    sync_adapter(model, device)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # PEFT's generate skips the root's forward (and its gathering hooks): route it through them,
+    # for rollouts too big to gather at once (`msd.generation.full_weights`).
+    register_fsdp_forward_method(model, "generate")
     reshard_policy(model)
+
+
+def sync_adapter(model, device: torch.device) -> None:
+    """Process 0's adapter weights on every process. Unlike DDP, `fully_shard` does not
+    broadcast: each process would keep its own slice of its own random LoRA init, a model no
+    process ever had. (Loaded weights come from one file and agree already.)"""
+    if not hasattr(model, "peft_config"):
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                t = p.data.to(device)
+                torch.distributed.broadcast(t, src=0)
+                p.data.copy_(t.to(p.device))
 
 
 def local_share(model) -> tuple[int, int]:
