@@ -67,9 +67,9 @@ def full_weights(wrapped):
 
     FSDP2 and DeepSpeed ZeRO-3: every weight is gathered once and the engine's hooks stand still
     until exit (`msd.generation.gather`); FSDP2 falls back to gathering layer by layer inside
-    each forward when the full weights would not fit in GATHER_MEMORY_SHARE of free memory. FSDP (v1): the root unit's parameters (embeddings,
-    final norm, head) are gathered; the inner units gather their own in their forward. No-op for
-    DDP / one process.
+    each forward when the full weights would not fit in GATHER_MEMORY_SHARE of free memory.
+    FSDP (v1): the root unit's parameters (embeddings, final norm, head) are gathered; the inner
+    units gather their own in their forward. No-op for DDP / one process.
     """
     if fsdp2_modules(wrapped):
         device = next(wrapped.parameters()).device

@@ -64,10 +64,14 @@ def teacher_samples(cfg, run, tokenizer, items, cache_dir: Path, progress: bool)
             with run.teacher.scope() as t_model, full_weights(t_model) as local:
                 for first in range(0, len(todo), acc.num_processes):
                     mine = todo[first:first + acc.num_processes][acc.process_index:][:1]
-                    recs = [rec for c in mine for rec in _sample_chunk(
+                    sharded = run.sharded and not local
+                    # Weights gathered layer by layer: every process must take part in every
+                    # forward, so one without a chunk samples the last one again and drops it.
+                    c = mine[0] if mine else todo[-1] if sharded else None
+                    recs = [] if c is None else _sample_chunk(
                         cfg, acc.unwrap_model(t_model), tokenizer, items[c:c + chunk], c,
-                        progress and acc.is_main_process, run.sharded and not local)]
-                    for part in sharding.gather_objects(recs):
+                        progress and acc.is_main_process, sharded)
+                    for part in sharding.gather_objects(recs if mine else []):
                         if writer is not None:
                             writer.write_many(part)
     finally:
