@@ -33,6 +33,7 @@ def make_accelerator(tc):
     # FSDP: msd shards (msd.train.sharding) and sets the precision itself; accelerate only
     # starts the processes.
     precision = "no" if sharding.fsdp_requested() else tc.mixed_precision
+    sharding.die_with_launcher()
     with sharding.accelerate_fsdp_hidden():
         return Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum,
                            cpu=cpu_ddp)

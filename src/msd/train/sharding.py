@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import sys
 
 import torch
 
@@ -44,6 +46,25 @@ def accelerate_fsdp_hidden():
     finally:
         if saved is not None:
             os.environ[FSDP_ENV] = saved
+
+
+def die_with_launcher() -> None:
+    """Under torchrun / `accelerate launch` (Linux): have the kernel SIGKILL this worker when its
+    launcher dies. torchrun starts every worker in its own session, so a launcher killed alone
+    (SIGKILL, a crashed node agent) used to leave the workers training on and writing into the
+    output folder, racing the rerun that resumes it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the call
+            os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def decoder_layers(model) -> list:
