@@ -40,14 +40,16 @@ WEIGHT_EPS = 1e-8
 class LossSpec:
     """What the MSD loss computes: divergence and weighting names (registry keys) and the
     parameters their entries take by field name (top_k: DPSW's teacher top-K; beta: jsd's
-    teacher share; softcap: the model's final logit soft-cap, applied after the output head by
-    the chunked loss, None = none)."""
+    teacher share; logit_scale and softcap: what the model does to its output head's logits,
+    z = softcap tanh(logit_scale x / softcap), applied by the chunked loss; see
+    `msd.families.LogitTransform`; 1 and None = nothing)."""
 
     divergence: str = "rkl"
     weighting: str = "dpsw"
     top_k: int = 32
     beta: float = 0.5
     softcap: float | None = None
+    logit_scale: float = 1.0
 
     @classmethod
     def of(cls, section) -> "LossSpec":
