@@ -30,8 +30,20 @@ def make_accelerator(tc):
     # Several processes without a GPU (torchrun / accelerate's --multi_gpu launcher): accelerate
     # picks DDP over gloo only when told cpu=True; otherwise every process trains alone.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    reset_precision(tc.mixed_precision)
     return Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                        cpu=cpu_ddp)
+
+
+def reset_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process and refuses another mixed precision in it; a
+    second run in the same single process (a notebook, a test session) starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    if str(AcceleratorState().mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def shards_weights(accelerator) -> bool:
