@@ -360,17 +360,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             # became False and a template like 'Request: {query}' a mapping; now taken as typed.
             value = text.split("=", 1)[1]
         set_key(cfg, key, value, where=f"override '{text}'")
+    from msd.losses import check_jsd_beta
+
     check_jsd_beta(cfg.loss, str(path) if path is not None else "loss.beta")
     return cfg
-
-
-def check_jsd_beta(loss: "LossConfig", where: str) -> None:
-    """jsd with beta 0 or 1 is identically 0 (the mixture is one of the two distributions), so
-    it would train nothing; TRL users read those ends as forward / reverse KL."""
-    if loss.divergence == "jsd" and not 0.0 < loss.beta < 1.0:
-        raise MsdError(f"loss.beta must lie strictly between 0 and 1 for jsd, got {loss.beta}; for "
-                       "the ends use loss.divergence=fkl (KL(teacher||student)) or rkl "
-                       "(KL(student||teacher))", where)
 
 
 def _is_text_field(cfg: Config, key: str) -> bool:

@@ -39,8 +39,6 @@ MARK = "MSDMARK"
 class Family:
     """What a family needs beyond detection (every field optional).
 
-    system_role: False = the template has no system role (merge it into the first user turn);
-        None = detect by rendering.
     think: (open, close) markers of a reasoning block, when the vocabulary holds no such pair of
         the default names.
     end_of_turn: token texts that end an assistant turn, beyond the detected one.
@@ -48,7 +46,6 @@ class Family:
         (before any soft-cap).
     """
 
-    system_role: bool | None = None
     think: tuple[str, str] | None = None
     end_of_turn: tuple[str, ...] = ()
     logit_scale: Callable[[object], float] | None = None
@@ -57,10 +54,6 @@ class Family:
 FAMILIES: Registry[Family] = Registry("model family")
 DEFAULT_THINK = ("<think>", "</think>")
 
-FAMILIES.register("gemma", Family(system_role=False))
-FAMILIES.register("gemma2", Family(system_role=False))
-FAMILIES.register("qwen3", Family(think=DEFAULT_THINK))
-FAMILIES.register("qwen3_moe", Family(think=DEFAULT_THINK))
 # Granite divides its logits by `logits_scaling`; Cohere multiplies them by `logit_scale`.
 for _name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"):
     FAMILIES.register(_name, Family(logit_scale=lambda c: 1.0 / float(getattr(c, "logits_scaling", 1.0) or 1.0)))
@@ -147,11 +140,8 @@ def end_of_turn_ids(tokenizer, config=None) -> set[int]:
 
 # ----------------------------------------------------------------------------- prompts
 
-def has_system_role(tokenizer, config=None) -> bool:
-    """Whether the template renders a system message (one that raises or drops it has none)."""
-    fam = family_of(config) if config is not None else Family()
-    if fam.system_role is not None:
-        return fam.system_role
+def has_system_role(tokenizer) -> bool:
+    """Whether the template renders a system message (Gemma's raises; one that drops it has none)."""
     probe = [{"role": "system", "content": MARK}, {"role": "user", "content": "hi"}]
     try:
         return MARK in render(tokenizer, probe, add_generation_prompt=True)
@@ -163,12 +153,12 @@ def has_thinking_mode(tokenizer) -> bool:
     return "enable_thinking" in str(getattr(tokenizer, "chat_template", "") or "")
 
 
-def chat_messages(tokenizer, user_message: str, system_prompt: str | None, config=None) -> list[dict]:
+def chat_messages(tokenizer, user_message: str, system_prompt: str | None) -> list[dict]:
     """The messages of a one-turn prompt. [ours] Without a system role in the template, the
     system prompt opens the first user turn, separated by a blank line."""
     if not system_prompt:
         return [{"role": "user", "content": user_message}]
-    if has_system_role(tokenizer, config):
+    if has_system_role(tokenizer):
         return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_message}]
     return [{"role": "user", "content": f"{system_prompt}\n\n{user_message}"}]
 

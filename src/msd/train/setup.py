@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from msd.config import check_jsd_beta
 from msd.errors import MsdError
+from msd.losses import check_jsd_beta
 from msd.models import Teacher, apply_lora, is_peft
 
 WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
