@@ -174,14 +174,15 @@ def _train(folder, queries, out, *extra):
 @pytest.mark.parametrize("family", SIX)
 def test_lora_and_full_fine_tuning(family_dirs, queries, tmp_path, family):
     _train(family_dirs[family], queries, tmp_path / "lora")
-    _train(family_dirs[family], queries, tmp_path / "full", "lora.enabled=false")
+    _train(family_dirs[family], queries, tmp_path / "full", "lora.enabled=false", "train.mode=off_policy")
 
 
 @pytest.mark.parametrize("family", SIX)
 def test_bf16_weights_with_bf16_mixed_precision_and_the_default_loss(family_dirs, queries, tmp_path, family):
     """Fixed bug: the chunked loss crashed at step 1 (float32 hidden states, bfloat16 head)."""
-    _train(family_dirs[family], queries, tmp_path / "run", "model.dtype=bfloat16",
-           "train.mixed_precision=bf16")
+    for lora in (True, False):  # full fine-tuning: float32 master weights, bfloat16 teacher
+        _train(family_dirs[family], queries, tmp_path / f"run{lora}", "model.dtype=bfloat16",
+               "train.mixed_precision=bf16", f"lora.enabled={lora}")
 
 
 @pytest.mark.parametrize("family", SIX)
