@@ -161,6 +161,13 @@ def test_offpolicy_cache_key_covers_what_changes_the_teacher_prompt_or_sampling(
 
     base = key()
     assert key() == base
+    cfg = _cfg(tiny_model_dir, query_file, tmp_path)
+    items = build_items(cfg, tuples, tok)
+    model, _ = load_model_and_tokenizer(cfg.model)
+    with_model = cache_path(cfg, tmp_path, items, model).name
+    assert cache_path(cfg, tmp_path, items, model).name == with_model
+    model.config.num_hidden_layers += 1  # another model under the same path
+    assert cache_path(cfg, tmp_path, items, model).name != with_model
     changed = [key("model.dtype=bfloat16"), key("model.enable_thinking=true"),
                key("prompt.system_prompt=Be kind."), key("prompt.teacher_context=english_only"),
                key("rollout.temperature=0.7"), key("rollout.top_k=5"), key("rollout.backend=hf"),

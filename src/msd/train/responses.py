@@ -32,12 +32,13 @@ def off_policy(cached: dict[str, list[list[int]]], batch) -> list[list[int]]:
     return [s for it in batch for s in cached[it.key]]
 
 
-def cache_path(cfg, cache_dir: Path, items=None) -> Path:
+def cache_path(cfg, cache_dir: Path, items=None, model=None) -> Path:
     """The cache file of one set of teacher samples. Its key covers whatever changes a teacher
     prompt or the sampling: the model and its settings (dtype, chat template, thinking), the
     prompt section, the pivot language, the sampling settings and, given `items`, the teacher
     prompt ids themselves (so any other change to the prompts, e.g. a new tokenizer template
-    or other queries under the same ids, is caught too). Fixed bug: the chat template,
+    or other queries under the same ids, is caught too) and, given `model`, its architecture
+    (another model saved under the same path). Fixed bug: the chat template,
     enable_thinking, dtype and data.english were left out, so samples drawn under another
     prompt were reused."""
     r = cfg.rollout
@@ -47,7 +48,9 @@ def cache_path(cfg, cache_dir: Path, items=None) -> Path:
         for it in sorted(items, key=lambda it: it.key):
             digest.update(f"{it.key}:{it.teacher_ids}\n".encode())
         prompts = digest.hexdigest()
-    fp = fingerprint({"model": to_dict(cfg)["model"], "prompt": to_dict(cfg)["prompt"],
+    config = getattr(model, "config", None)
+    arch = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else None
+    fp = fingerprint({"model": to_dict(cfg)["model"], "architecture": arch, "prompt": to_dict(cfg)["prompt"],
                       "english": cfg.data.english, "teacher_prompts": prompts,
                       "rollout": [r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.num_samples,
                                   r.backend, r.batch_size],
@@ -58,7 +61,7 @@ def cache_path(cfg, cache_dir: Path, items=None) -> Path:
 def teacher_samples(cfg, run, tokenizer, items, cache_dir: Path, progress: bool) -> dict[str, list[list[int]]]:
     """Sample every item once from the frozen teacher; cached on disk, resumable, reused."""
     r, accelerator = cfg.rollout, run.accelerator
-    path = cache_path(cfg, cache_dir, items)
+    path = cache_path(cfg, cache_dir, items, run.unwrapped)
     if run.sharded and not path.exists():  # rank 0 alone cannot run a sharded model
         raise MsdError("off-policy under FSDP / ZeRO-3: build the teacher-sample cache first in one "
                        "process with the same rollout settings (see docs/PERFORMANCE.md)", str(path))
