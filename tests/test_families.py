@@ -150,6 +150,16 @@ def test_decoded_answers_hold_no_template_marker_or_added_token(family_dirs, fam
     assert answer.split() == ["here", "are", "steps"] or thinking is not None
 
 
+def test_whitespace_added_tokens_stay_in_answers(family_dirs):
+    """Gemma adds runs of spaces and newlines as (non-special) tokens: they are text."""
+    from tokenizers import AddedToken
+
+    _, tok = load(family_dirs["gemma-2"])
+    tok.add_tokens([AddedToken("\n\n\n", special=False, normalized=False), AddedToken("<h1>", special=False)])
+    ids = tok("one\n\n\ntwo<h1>three", add_special_tokens=False)["input_ids"]
+    assert families.decode_answer(tok, ids)[0] == "one\n\n\ntwothree"
+
+
 def test_qwen3_answer_is_the_text_after_the_think_block(family_dirs):
     _, tok = load(family_dirs["qwen3"])
     ids = tok("<think>\nfirst decide\n</think>\n\nsorry I can not<|im_end|>", add_special_tokens=False)["input_ids"]

@@ -11,7 +11,7 @@ its files are self-consistent:
   merged into the first user turn instead;
 - decoded answers drop every added or special token of the vocabulary (`added_tokens_decoder`
   included, whatever its special flag: Qwen's <think>, <tool_call>, FIM tokens are added with
-  special=False, so `skip_special_tokens=True` keeps them);
+  special=False, so `skip_special_tokens=True` keeps them), except whitespace-only ones;
 - thinking mode: a template that reads `enable_thinking` has one; the answer is the text after
   the last closing marker, the reasoning kept apart;
 - soft-capping: `final_logit_softcapping` (Gemma 2/3) is read from any config.
@@ -109,9 +109,13 @@ def logit_transform(config) -> LogitTransform:
 # ----------------------------------------------------------------------------- tokens
 
 def hidden_token_ids(tokenizer) -> set[int]:
-    """Ids of every special or added token: never part of a decoded answer."""
+    """Ids of every special or added token: never part of a decoded answer. Added tokens that
+    are only whitespace stay (Gemma adds runs of spaces and newlines as tokens: they are text)."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        content = getattr(tok, "content", str(tok))
+        if getattr(tok, "special", False) or content.strip():
+            ids.add(i)
     return ids
 
 
