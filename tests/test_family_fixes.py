@@ -55,7 +55,7 @@ def test_float32_lora_run_leaves_every_base_weight_equal_to_theta0(tiny_model_di
     """Fixed bug: in-place merge / unmerge around each rollout drifted the base weights."""
     from msd.train.loop import train
 
-    cfg = _cfg(tiny_model_dir, query_file, tmp_path / "r", "train.max_steps=6", "train.lr=5e-2",
+    cfg = _cfg(tiny_model_dir, query_file, tmp_path / "r", "train.max_steps=3", "train.lr=5e-2", "train.batch_size=2",
                "model.dtype=float32", "lora.r=8", "rollout.merge_lora=true")
     theta0, _ = load_model_and_tokenizer(cfg.model)
     result = train(cfg, progress=False)
