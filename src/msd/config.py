@@ -360,6 +360,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             # became False and a template like 'Request: {query}' a mapping; now taken as typed.
             value = text.split("=", 1)[1]
         set_key(cfg, key, value, where=f"override '{text}'")
+    from msd.losses import check_jsd_beta
+
+    check_jsd_beta(cfg.loss, str(path) if path is not None else "loss.beta")
     return cfg
 
 

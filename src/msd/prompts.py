@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from msd import languages
+from msd import families, languages
 from msd.errors import MsdError
 
 # The instruction C, in our own words. {language} is the target language's English name.
@@ -74,10 +74,9 @@ def load_chat_template(tokenizer, template: str | None = None) -> None:
 def chat_ids(tokenizer, user_message: str, system_prompt: str | None = None,
              enable_thinking: bool = False) -> list[int]:
     """Token ids of a chat prompt ending with the assistant turn's opening (generation prompt)."""
-    messages = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": user_message})
+    # Fixed bug: a template without a system role (Gemma) raised a jinja error here; the family
+    # rules (msd.families) merge the system prompt into the user turn instead.
+    messages = families.chat_messages(tokenizer, user_message, system_prompt)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -92,6 +91,7 @@ class PromptBuilder:
         self.template = resolve_template(context, template)
         self.system_prompt = system_prompt
         self.enable_thinking = enable_thinking
+        families.check_thinking(tokenizer, enable_thinking)
 
     def student(self, query: str) -> list[int]:
         return chat_ids(self.tokenizer, query, self.system_prompt, self.enable_thinking)

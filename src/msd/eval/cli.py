@@ -98,6 +98,9 @@ def _common_args(p) -> None:
                    help="generation backend, as rollout.backend in training: auto (compiled on CUDA, "
                         "msd's decode loop on CPU) or a registered one (loop, hf, compiled, vllm)")
     g.add_argument("--system-prompt", help="system message for every prompt (default: none)")
+    g.add_argument("--enable-thinking", action="store_true",
+                   help="thinking mode of templates that have one (Qwen3); the judged answer is the "
+                        "text after the reasoning block, kept apart in each record (default: off)")
     _judge_args(p.add_argument_group("judge"))
 
 
@@ -205,7 +208,8 @@ def run_safety(args) -> int:
     backend = _backend(args.backend)
     judge = build_judge(args)
     model, tokenizer = load_model(args)
-    builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt)
+    builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt,
+                            enable_thinking=args.enable_thinking)
     kwargs = dict(benchmark=bench.name, prompt_builder=builder, teacher_prompts=args.teacher_prompts,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,

@@ -20,7 +20,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from msd import languages
+from msd import families, languages
 from msd.data import QueryTuple
 from msd.errors import MsdError
 from msd.eval import langid
@@ -100,6 +100,7 @@ def _settings(benchmark, teacher_prompts, builder, max_new_tokens, temperature, 
             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
             "num_samples": num_samples, "seed": seed,
             "system_prompt": getattr(builder, "system_prompt", None),
+            "enable_thinking": bool(getattr(builder, "enable_thinking", False)),
             "teacher_template_sha": hashlib.sha256(template.encode()).hexdigest()[:12] if template else None}
 
 
@@ -116,15 +117,19 @@ def _pending(tuples, langs, num_samples, benchmark, done: dict) -> list[tuple[Qu
 
 
 def _new_records(work, outs, benchmark: str, tokenizer, max_new_tokens: int, eos: set[int],
-                 english: str) -> tuple[list[dict], list[dict]]:
-    """Records (not yet judged) for the missing samples of each (tuple, lang), and judge metas."""
+                 english: str, config=None) -> tuple[list[dict], list[dict]]:
+    """Records (not yet judged) for the missing samples of each (tuple, lang), and judge metas.
+    `response` is the answer the judge sees: no special or added token (Fixed bug: Qwen's
+    <think>, <tool_call>, FIM tokens are added with special=False and were kept), and after a
+    reasoning block only the text that follows it; the block itself goes to `thinking`."""
     records, metas = [], []
     for (t, lang, missing), samples in zip(work, outs):
         for s in missing:
             ids = list(samples[s])
+            answer, thinking = families.decode_answer(tokenizer, ids, config)
             records.append({
                 "benchmark": benchmark, "lang": lang, "query_id": t.id, "sample": s,
-                "prompt": t.texts[lang], "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "prompt": t.texts[lang], "response": answer, "thinking": thinking,
                 "response_tokens": len(ids),
                 "truncated": len(ids) >= max_new_tokens and (not ids or ids[-1] not in eos),
                 "harmful": bool(t.meta.get("harmful", True))})
@@ -197,7 +202,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                 gen_seconds += time.time() - t0
                 gen_tokens += sum(len(r) for per in outs for r in per)
                 batch, metas = _new_records([work[i] for i in idx], outs, benchmark, tokenizer,
-                                            max_new_tokens, eos, english)
+                                            max_new_tokens, eos, english, families.model_config(model))
                 try:
                     judge_records(judge, batch, metas)
                 finally:  # keep every generated response, judged or not

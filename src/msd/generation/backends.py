@@ -30,6 +30,7 @@ tokens, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -123,18 +124,37 @@ def in_batches(model, prompts, s: Sampling, decode, *, fixed_rows: bool = False)
 
 # ----------------------------------------------------------------------------- transformers
 
+@contextlib.contextmanager
+def clean_generation_config(model, s: Sampling):
+    """Generate under a generation config holding only the token ids: transformers fills every
+    setting the call leaves unset from `model.generation_config`, so a published one's
+    repetition_penalty (Qwen2.5: 1.05), top_k, min_p ... would change what is sampled.
+    Fixed bug: on-policy samples were then not drawn from the student's distribution, and
+    greedy evaluation depended on the backend."""
+    from transformers import GenerationConfig
+
+    lm = model.get_base_model() if is_peft(model) else model
+    saved = lm.generation_config
+    lm.generation_config = GenerationConfig(pad_token_id=s.pad_id, eos_token_id=sorted(s.eos) or None,
+                                            bos_token_id=getattr(saved, "bos_token_id", None))
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 def hf_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, static: bool = False):
-    """One batch through `model.generate`; static=True pins a static KV cache (see `compiled`)."""
+    """One batch through `model.generate` with msd's own sampling settings only (nothing from
+    the model's generation_config); static=True pins a static KV cache (see `compiled`)."""
     torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=s.max_new_tokens, num_return_sequences=s.num_samples,
                   pad_token_id=s.pad_id, eos_token_id=sorted(s.eos) or None)
     if s.sharded:
         kwargs["synced_gpus"] = True
     if s.temperature > 0:
-        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p,
-                      top_k=s.top_k if s.top_k > 0 else None)
+        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0))
     else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(do_sample=False)
     if static:
         # A fixed cache length: transformers keeps the largest seen, so the compiled decode
         # step sees one shape per run (batch rows are padded by the caller).
@@ -142,7 +162,8 @@ def hf_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, static: bool = F
         kwargs.update(cache_implementation="static", max_cache_len=ceiling)
     if s.return_logprobs:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, **kwargs)
+    with clean_generation_config(model, s):
+        out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, **kwargs)
     seqs = out.sequences if s.return_logprobs else out
     new_BG = seqs[:, ids_BP.shape[1]:]
     logp = None

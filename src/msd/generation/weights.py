@@ -1,9 +1,9 @@
 """The student's weights for sampling: LoRA folded in where that is exact and fits.
 
-`rollout_weights` folds LoRA into the weights for sampling: in place for float32 weights
-(round-trip error ~1 ulp, `merged_lora`); for half-precision weights into a persistent
-generation copy of the adapted matrices when memory allows (the base weights, i.e. the teacher,
-are never modified, so no drift); otherwise the unmerged adapter samples. `full_weights` makes a
+`rollout_weights` folds LoRA into the weights for sampling: into a persistent generation copy
+of the adapted matrices when memory allows (the base weights, i.e. the teacher, are never
+modified, so the teacher stays bit-for-bit theta_0 in every dtype); otherwise the unmerged
+adapter samples. (`merged_lora`, in place, is kept for callers that want it.) `full_weights` makes a
 sharded model's weights usable for generation; `merged_state` yields the merged weights by name
 (for engines that load weights, such as vLLM).
 
@@ -179,7 +179,7 @@ def rollout_weights(model, merge: bool = True):
     """The student's weights for sampling, LoRA folded in where that is exact enough and fits.
 
     Yields how: "plain" (no adapter), "adapter" (sampled through the unmerged adapter),
-    "merged" (in place, float32), "merged_copy" (persistent half-precision copy).
+    "merged_copy" (a persistent merged copy of the adapted matrices).
     """
     if not is_peft(model) or rollout_state(model).merged:
         yield "plain"
@@ -187,11 +187,10 @@ def rollout_weights(model, merge: bool = True):
     if not merge or is_sharded(model):
         yield "adapter"
         return
+    # Fixed bug: float32 weights were merged in place and unmerged after sampling; the rounding
+    # of each round trip drifted the base weights, i.e. the teacher theta_0. Every dtype now
+    # samples through the merged copy (the base never written), or the unmerged adapter.
     base = next(p for n, p in model.named_parameters() if "lora_" not in n)
-    if base.dtype == torch.float32:
-        with merged_lora(model, True):
-            yield "merged"
-        return
     layers = lora_layers(model)
     need = sum(m.get_base_layer().weight.numel() for _, m in layers) * base.element_size()
     have = sum(b.numel() * b.element_size() for b in rollout_state(model).copies.values())

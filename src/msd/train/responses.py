@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from msd.config import to_dict
@@ -31,10 +32,28 @@ def off_policy(cached: dict[str, list[list[int]]], batch) -> list[list[int]]:
     return [s for it in batch for s in cached[it.key]]
 
 
-def cache_path(cfg, cache_dir: Path) -> Path:
+def cache_path(cfg, cache_dir: Path, items=None, model=None) -> Path:
+    """The cache file of one set of teacher samples. Its key covers whatever changes a teacher
+    prompt or the sampling: the model and its settings (dtype, chat template, thinking), the
+    prompt section, the pivot language, the sampling settings and, given `items`, the teacher
+    prompt ids themselves (so any other change to the prompts, e.g. a new tokenizer template
+    or other queries under the same ids, is caught too) and, given `model`, its architecture
+    (another model saved under the same path). Fixed bug: the chat template,
+    enable_thinking, dtype and data.english were left out, so samples drawn under another
+    prompt were reused."""
     r = cfg.rollout
-    fp = fingerprint({"model": cfg.model.name_or_path, "prompt": to_dict(cfg)["prompt"],
-                      "rollout": [r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.num_samples],
+    prompts = None
+    if items is not None:
+        digest = hashlib.sha256()
+        for it in sorted(items, key=lambda it: it.key):
+            digest.update(f"{it.key}:{it.teacher_ids}\n".encode())
+        prompts = digest.hexdigest()
+    config = getattr(model, "config", None)
+    arch = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else None
+    fp = fingerprint({"model": to_dict(cfg)["model"], "architecture": arch, "prompt": to_dict(cfg)["prompt"],
+                      "english": cfg.data.english, "teacher_prompts": prompts,
+                      "rollout": [r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.num_samples,
+                                  r.backend, r.batch_size],
                       "seed": cfg.train.seed})
     return Path(cache_dir) / f"teacher_samples.{fp}.jsonl"
 
@@ -48,7 +67,7 @@ def teacher_samples(cfg, run, tokenizer, items, cache_dir: Path, progress: bool)
     round, the teacher's weights gathered once if sharded); process 0 appends each round's
     results to the cache."""
     acc = run.accelerator
-    path = cache_path(cfg, cache_dir)
+    path = cache_path(cfg, cache_dir, items, run.unwrapped)
     chunk = max(1, cfg.rollout.batch_size)
     writer, todo = None, None
     try:
