@@ -16,12 +16,18 @@ not: the saved responses are judged again without generating anything.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
+from msd import fingerprint
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
 from msd.eval.metrics import latest
 from msd.io import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
+from msd.limits import loads_json, short_repr
 
 RECORDS = "records.jsonl"
 METRICS = "metrics.json"
@@ -47,7 +53,11 @@ def load_records(run_dir: str | Path) -> list[dict]:
 def compact(run_dir: str | Path, records: list[dict]) -> None:
     """Rewrite records.jsonl with one line per key (atomic)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(Path(run_dir) / RECORDS, text)
+    try:
+        atomic_write_text(Path(run_dir) / RECORDS, text)
+    except OSError as e:  # a full disk: the old file is intact and valid (later lines win)
+        warnings.warn(f"{Path(run_dir) / RECORDS}: not compacted ({e.strerror or e}); "
+                      "the file stays valid as it is")
 
 
 def write_metrics(run_dir: str | Path, records: list[dict] | None = None) -> dict:
@@ -64,22 +74,74 @@ def load_run(run_dir: str | Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MsdError(f"malformed JSON ({e.msg})", str(path)) from None
+        info = loads_json(path.read_bytes().decode("utf-8-sig"), str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise MsdError(f"cannot read run.json ({type(e).__name__})", str(path)) from None
+    if not isinstance(info, dict):
+        raise MsdError("run.json must hold a JSON object; remove it or use another --out", str(path))
+    return info
+
+
+def identity(model, tokenizer, tuples=None, given: dict | None = None) -> dict:
+    """What made the records besides the generation settings: the model and adapter (path and
+    file hashes), the chat template, and the benchmark's content (not only its name)."""
+    out = {"model": fingerprint.loaded_model_identity(model), "adapter": None,
+           "chat_template_sha": fingerprint.text_sha(getattr(tokenizer, "chat_template", None))}
+    if tuples is not None:
+        out["benchmark_sha"] = fingerprint.content_sha(tuples)
+    out.update(given or {})
+    return out
+
+
+IDENTITY_KEYS = ("model", "adapter", "chat_template_sha", "benchmark_sha")
+NAMES = {"chat_template_sha": "chat template", "benchmark_sha": "benchmark content",
+         "teacher_template_sha": "teacher template", "model": "model", "adapter": "adapter"}
+
+
+def _change(key: str, old, new) -> str:
+    """'model: 'a' -> 'b'', 'adapter x (its files changed)', 'benchmark content'."""
+    name = NAMES.get(key, key)
+    if key.endswith("_sha"):
+        return name
+    if isinstance(old, dict) or isinstance(new, dict):
+        old, new = (v.get("path") if isinstance(v, dict) else v for v in (old, new))
+        if old == new:
+            return f"{name} {new} (its files changed)"
+    return f"{name}: {short_repr(old)} -> {short_repr(new)}"
 
 
 def check_settings(run_dir: str | Path, settings: dict) -> dict:
-    """Compare `settings` with those saved in run.json; an existing run with different
-    generation settings is an error. Returns the saved run info ({} for a new folder)."""
+    """Compare `settings` with those saved in run.json; an existing run made otherwise (other
+    generation settings, model, adapter, chat template or benchmark content) is an error naming
+    what changed. Returns the saved run info ({} for a new folder).
+    Fixed bug: model, adapter, template and benchmark content were not compared, so another
+    model's evaluation silently reused the old responses and relabelled them."""
     saved = load_run(run_dir)
     old = saved.get("settings")
-    if old and (Path(run_dir) / RECORDS).exists():
-        for key, value in settings.items():
-            if key in old and old[key] != value:
-                raise MsdError(f"this folder holds a run with {key}={old[key]!r}, not {value!r}; "
-                               "use another --out (or delete the folder)", str(run_dir))
+    if not (Path(run_dir) / RECORDS).exists():
+        return saved
+    if not isinstance(old, dict):
+        old = {}
+    changed = [_change(k, old.get(k), v) for k, v in settings.items()
+               if (k in old or k in IDENTITY_KEYS) and old.get(k) != v]
+    if changed:
+        raise MsdError(f"this folder holds records made with a different {'; '.join(changed)}; "
+                       "rerun with --fresh to discard them, or use another --out", str(run_dir))
     return saved
+
+
+def discard(run_dir: str | Path) -> None:
+    """Remove a run folder's records, metrics and run.json (for --fresh). Each file is moved
+    aside by a rename, records first, so an interruption never leaves old records beside a new
+    run.json."""
+    run_dir = Path(run_dir)
+    for stale in run_dir.glob(".discarded.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    trash = Path(tempfile.mkdtemp(dir=run_dir, prefix=".discarded."))
+    for name in (RECORDS, METRICS, RUN):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_run(run_dir: str | Path, info: dict) -> None:

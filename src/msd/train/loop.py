@@ -21,6 +21,7 @@ import torch
 
 from msd.config import chunk_size_for, to_dict, to_yaml
 from msd.data import QueryTuple, load_tuples, split
+from msd import fingerprint
 from msd.errors import MsdError
 from msd.io import atomic_write_text, ensure_writable_dir
 from msd.losses import LossSpec
@@ -101,6 +102,9 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
     if tuples is None:
         tuples = load_tuples(cfg.data.source, cfg.data.english)
     train_tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
+    if not train_tuples:  # Fixed bug: this was reported as a data.languages problem
+        raise MsdError(f"data.heldout_fraction={cfg.data.heldout_fraction} holds out all {len(tuples)} "
+                       "queries; lower it", "data.heldout_fraction")
     if cfg.data.limit:
         train_tuples = train_tuples[: cfg.data.limit]
     items = build_items(cfg, train_tuples, tokenizer)
@@ -111,7 +115,7 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
 
 
 def resume_keys(cfg) -> dict:
-    return checkpoint.resume_keys(to_dict(cfg))
+    return {**checkpoint.resume_keys(to_dict(cfg)), "identity": fingerprint.training_identity(cfg)}
 
 
 def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) -> int:

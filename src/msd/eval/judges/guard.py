@@ -48,7 +48,7 @@ class GuardJudge(Judge):
     options = (
         JudgeOption("--guard-model", "model", str,
                     "guard model (hub id or folder), e.g. Qwen3Guard-Gen or Llama Guard", required=True),
-        JudgeOption("--guard-batch-size", "batch_size", int, "pairs per generate call (default: 8)"),
+        JudgeOption("--guard-batch-size", "batch_size", int, "pairs per generate call (default: 8)", bounds={"ge": 1}),
         JudgeOption("--guard-controversial", "controversial", str,
                     "how to count Qwen3Guard's 'Controversial' (default: unsafe)", choices=("safe", "unsafe")),
     )

@@ -101,9 +101,10 @@ class LLMJudge(Judge):
         JudgeOption("--judge-base-url", "base_url", str, "endpoint base URL, e.g. http://host:8000/v1 "
                     f"(API key from the environment variable {KEY_ENV})", required=True),
         JudgeOption("--judge-model", "model", str, "model name sent to the endpoint", required=True),
-        JudgeOption("--judge-concurrency", "concurrency", int, "parallel requests (default: 8)"),
-        JudgeOption("--judge-retries", "max_retries", int, "tries per item before giving up (default: 4)"),
-        JudgeOption("--judge-timeout", "timeout", float, "seconds per request (default: 60)"),
+        JudgeOption("--judge-concurrency", "concurrency", int, "parallel requests (default: 8)", bounds={"ge": 1}),
+        JudgeOption("--judge-retries", "max_retries", int, "tries per item before giving up (default: 4)", bounds={"ge": 1}),
+        JudgeOption("--judge-timeout", "timeout", float, "total seconds per request, reading the reply included (default: 60)",
+                    bounds={"gt": 0}),
         JudgeOption("--judge-cache-dir", "cache_dir", str,
                     "verdict cache folder (default: $MSD_CACHE or ~/.cache/msd)"),
     )
