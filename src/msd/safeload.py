@@ -18,8 +18,13 @@ from msd.errors import MsdError
 from msd.limits import loads_json
 
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on a header
-CONVERT = ("msd loads safetensors only, since unpickling can run code. Convert the weights once, "
-           "where you trust the file, with save_pretrained(..., safe_serialization=True)")
+CONVERT = ("msd loads safetensors only, since unpickling can run code. Convert them once, where "
+           "you trust the file, with save_pretrained(..., safe_serialization=True)")
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def _pickled(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in PICKLED)
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "adapter_config.json", "model.safetensors.index.json")
 
@@ -85,9 +90,10 @@ def model_weight_files(folder: Path) -> list[Path]:
         files = [folder / "model.safetensors"]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        pickled = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
-        raise MsdError(f"no {missing[0].name}" + (f" (only pickled weights); {CONVERT}" if pickled else ""),
-                       str(folder))
+        if _pickled(folder):
+            raise MsdError(f"folder holds only pickled weights (.bin/.pt); {CONVERT}",
+                           str(folder))
+        raise MsdError(f"model folder has no {missing[0].name}", str(folder))
     return files
 
 
@@ -112,6 +118,9 @@ def check_adapter_folder(folder: Path) -> Path:
     check_json_files(folder)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        raise MsdError(f"adapter folder has no adapter_model.safetensors; {CONVERT}", str(folder))
+        if _pickled(folder):  # whatever *.safetensors decoy lies beside it: PEFT opens the .bin
+            raise MsdError("folder holds only pickled weights (.bin/.pt); "
+                           f"{CONVERT}", str(folder))
+        raise MsdError("adapter folder has no adapter_model.safetensors", str(folder))
     safetensors_header(weights)
     return weights
