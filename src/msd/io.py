@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from msd.errors import MsdError
+from msd.limits import MAX_DEPTH, depth
 
 
 CACHE_ENV = "MSD_CACHE"
@@ -100,6 +101,8 @@ def read_jsonl_numbered(path: str | os.PathLike, *, tolerate_torn_tail: bool = T
             continue
         try:
             obj = json.loads(line)
+        except RecursionError:  # Fixed bug: deeply nested JSON raised a traceback
+            raise MsdError("JSON nested too deeply", f"{path}:{i}") from None
         except json.JSONDecodeError as e:
             if tolerate_torn_tail and i == len(lines) and not line.endswith("\n"):
                 warnings.warn(f"{path}:{i}: dropped a partly written last line")
@@ -107,6 +110,8 @@ def read_jsonl_numbered(path: str | os.PathLike, *, tolerate_torn_tail: bool = T
             raise MsdError(f"malformed JSON ({e.msg})", f"{path}:{i}") from None
         if not isinstance(obj, dict):
             raise MsdError("expected a JSON object on each line", f"{path}:{i}")
+        if depth(obj) > MAX_DEPTH:
+            raise MsdError(f"JSON nested more than {MAX_DEPTH} levels deep", f"{path}:{i}")
         yield i, obj
 
 

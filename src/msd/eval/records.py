@@ -25,6 +25,7 @@ from pathlib import Path
 from msd import fingerprint
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
+from msd.eval.judges.base import LABELS
 from msd.eval.metrics import latest
 from msd.io import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
 from msd.limits import loads_json, short_repr
@@ -34,6 +35,29 @@ METRICS = "metrics.json"
 RUN = "run.json"
 
 REQUIRED = ("benchmark", "lang", "query_id", "sample")
+# The type of each field a record may hold (None allowed where listed): a record of another
+# shape is named with its file and line, not met later as a traceback in metrics or a report.
+_N = type(None)
+FIELD_TYPES = {"benchmark": str, "lang": str, "query_id": (str, int), "sample": int,
+               "prompt": str, "response": str, "label": (str, _N), "harmful": bool,
+               "refused": (bool, _N), "helpful": (bool, _N), "response_lang": (str, _N),
+               "judge": (str, _N), "judge_error": (str, _N), "score": (int, float, _N),
+               "response_tokens": int, "truncated": bool}
+
+
+def check_record(r: dict, where: str) -> None:
+    missing = [k for k in REQUIRED if k not in r]
+    if missing:
+        raise MsdError(f"record lacks field(s) {', '.join(missing)}", where)
+    for key, types in FIELD_TYPES.items():
+        value = r.get(key)
+        ok = key not in r or (isinstance(value, types) and not (
+            isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))))
+        if not ok:
+            raise MsdError(f"record field '{key}' has the wrong type ({type(value).__name__}); "
+                           "this is not a records.jsonl written by msd", where)
+    if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
+        raise MsdError("record has a negative sample or an unknown label", where)
 
 
 def load_records(run_dir: str | Path) -> list[dict]:
@@ -44,9 +68,7 @@ def load_records(run_dir: str | Path) -> list[dict]:
     repair_jsonl(path)
     rows = list(read_jsonl(path))
     for i, r in enumerate(rows, start=1):
-        missing = [k for k in REQUIRED if k not in r]
-        if missing:
-            raise MsdError(f"record lacks field(s) {', '.join(missing)}", f"{path}:{i}")
+        check_record(r, f"{path}:{i}")
     return latest(rows)
 
 
