@@ -332,7 +332,7 @@ def from_dict(data: dict, where: str = "config") -> Config:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise MsdError(f"override {text!r} must look like section.key=value")
+        raise MsdError(f"override {short_repr(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
         value = safe_yaml(raw, "override") if raw.strip() else ""
@@ -356,7 +356,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             # Fixed bug: text fields took YAML's reading of the value, so train.mixed_precision=no
             # became False and a template like 'Request: {query}' a mapping; now taken as typed.
             value = text.split("=", 1)[1]
-        set_key(cfg, key, value, where=f"override '{text}'")
+        set_key(cfg, key, value, where=f"override {short_repr(text)}")
     return cfg
 
 

@@ -21,7 +21,7 @@ import torch
 
 from msd.config import chunk_size_for, to_dict, to_yaml
 from msd.data import QueryTuple, load_tuples, split
-from msd import fingerprint
+from msd import fingerprint, limits
 from msd.errors import MsdError
 from msd.io import atomic_write_text, ensure_writable_dir
 from msd.losses import LossSpec
@@ -58,6 +58,8 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     items = training_items(cfg, tuples, tokenizer, accelerator.num_processes)
+    limits.check_context([(f"query {it.key}", max(len(it.student_ids), len(it.teacher_ids))) for it in items],
+                         limits.context_window(model, tokenizer), cfg.rollout.max_new_tokens, "data.source")
     run = prepare(cfg, model, accelerator, len(items))
     start = resume_from_checkpoint(cfg, run, out_dir, resume)
     if accelerator.is_main_process:
