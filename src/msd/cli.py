@@ -15,7 +15,8 @@ import sys
 from msd.errors import MsdError
 
 # Failures of the machine, not of msd: a full disk, a read-only or forbidden folder.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
+                      errno.ENAMETOOLONG, errno.ELOOP}
 
 COMMANDS = [  # (module providing add_parser, fallback help when its extras are missing)
     ("msd.eval.cli", "eval"),
@@ -95,6 +96,15 @@ def _unavailable(e) -> int:
     raise MsdError(f"this command is unavailable: {e}")
 
 
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars from transformers / huggingface_hub either (weight loading)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are first imported
+    for name in ("transformers.utils.logging",):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MSD_DEBUG") == "1"
@@ -110,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except MsdError as e:
@@ -120,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if debug or e.errno not in ENVIRONMENT_ERRNOS:
             raise
-        print(f"msd: error: {e.filename or 'output'}: {e.strerror}; free space or fix the "
-              "permissions, then rerun (finished work is kept)", file=sys.stderr)
+        hint = ("shorten the path" if e.errno in (errno.ENAMETOOLONG, errno.ELOOP) else
+                "free space or fix the permissions, then rerun (finished work is kept)")
+        name = str(e.filename or "output")
+        name = name if len(name) <= 200 else name[:200] + "..."
+        print(f"msd: error: {' '.join(name.split())}: {e.strerror}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msd: interrupted", file=sys.stderr)

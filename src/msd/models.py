@@ -108,6 +108,10 @@ def apply_lora(model, lora_cfg):
     if target != "all-linear" and not present.intersection(target):
         raise MsdError(f"none of lora.target_modules {target} exist in the model "
                        f"(e.g. {sorted(present)[:8]})", "lora.target_modules")
+    dims = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+            if hasattr(m, "in_features") and (target == "all-linear" or name.rsplit(".", 1)[-1] in target)]
+    if dims and lora_cfg.r > min(dims):  # a rank above a layer's width only wastes memory
+        raise MsdError(f"lora.r={lora_cfg.r} is larger than the smallest adapted layer ({min(dims)})", "lora.r")
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=target, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, peft_cfg)

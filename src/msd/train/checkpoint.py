@@ -147,7 +147,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         return read_state(path)
     # Fixed bug: a damaged file (SafetensorError, UnpicklingError, EOFError) raised a traceback.
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:
+            SafetensorError, IndexError, TypeError, AttributeError) as e:  # any damaged content
         first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         if isinstance(e, pickle.UnpicklingError):  # torch's message advises weights_only=False
             first = "it holds objects other than plain tensors; refused to unpickle them"
