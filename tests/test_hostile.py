@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_queries
+from test_bad_input import error_line  # one line, exit 2, no traceback
 from msd.cli import main
 from msd.errors import MsdError
 
@@ -33,16 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def error_line(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    tail = err[err.index("msd: error: "):]
-    assert tail.endswith("\n") and tail.count("\n") == 1, tail
-    return tail.strip()
 
 
 @pytest.fixture(scope="module")
@@ -624,6 +615,8 @@ def test_compaction_on_a_full_disk_keeps_the_old_file(env, monkeypatch):
 def test_heldout_fraction_that_keeps_nothing_says_so(env, capsys):
     line = error_line(capsys, train_argv(env, "data.heldout_fraction=0.99", out="heldout"))
     assert "holds out all 6 queries" in line
+    line = error_line(capsys, train_argv(env, "data.heldout_fraction=1", out="heldout"))
+    assert "hold out all queries" in line and "languages" not in line
 
 
 def test_an_html_endpoint_is_named_as_such(tmp_path):

@@ -8,6 +8,7 @@ option of the command line uses the same keywords (`check("--judge-timeout", v, 
     nonempty  a text value may not be empty or blank
     path      a template setting: text or an existing file (msd.textsetting)
     template  a teacher template: only its known fields
+    note      what breaking the bound would mean, added to the message
 
 Numbers must also be finite (nan and inf are never a valid setting).
 """
@@ -19,7 +20,7 @@ import math
 from msd.errors import MsdError
 from msd.limits import short_repr
 
-KEYS = ("ge", "gt", "le", "lt", "nonempty", "path", "template")
+KEYS = ("ge", "gt", "le", "lt", "nonempty", "path", "template", "note")
 _OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
         "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
@@ -40,7 +41,8 @@ def check(key: str, value, where: str | None = None, **bounds) -> None:
             raise MsdError(f"field '{key}' must be a finite number, got {value}", where)
         broken = [k for k in _OPS if k in bounds and not _OPS[k][1](value, bounds[k])]
         if broken:
-            raise MsdError(f"field '{key}' must be {describe(bounds)}, got {short_repr(value)}", where)
+            note = f" ({bounds['note']})" if "note" in bounds else ""
+            raise MsdError(f"field '{key}' must be {describe(bounds)}, got {short_repr(value)}{note}", where)
     if isinstance(value, str):
         if bounds.get("nonempty") and not value.strip():
             raise MsdError(f"field '{key}' may not be empty", where)

@@ -26,7 +26,12 @@ def cache_root() -> Path:
     """Where msd caches what it builds or pays for (the organism, judge verdicts):
     $MSD_CACHE, else ~/.cache/msd."""
     root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "msd"
+    if root:
+        return Path(root).expanduser()
+    try:
+        return Path.home() / ".cache" / "msd"
+    except RuntimeError:  # no HOME and no passwd entry
+        raise MsdError(f"cannot find the home folder for msd's cache; set ${CACHE_ENV}") from None
 
 
 def _umask_mode() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -45,6 +46,10 @@ FIELD_TYPES = {"benchmark": str, "lang": str, "query_id": (str, int), "sample": 
                "response_tokens": int, "truncated": bool}
 
 
+_CODE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_NAME = re.compile(r"^[^\n\r\t]{1,200}$")
+
+
 def check_record(r: dict, where: str) -> None:
     missing = [k for k in REQUIRED if k not in r]
     if missing:
@@ -58,6 +63,10 @@ def check_record(r: dict, where: str) -> None:
                            "this is not a records.jsonl written by msd", where)
     if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
         raise MsdError("record has a negative sample or an unknown label", where)
+    # Names end up in tables, titles and file names: a language code, a benchmark name, an id.
+    if not _CODE.match(r["lang"]) or not _NAME.match(r["benchmark"]) or len(str(r["query_id"])) > 200:
+        raise MsdError("record has a malformed lang, benchmark or query_id (a language code, a "
+                       "name of at most 200 characters)", where)
 
 
 def load_records(run_dir: str | Path) -> list[dict]:

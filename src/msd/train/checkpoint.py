@@ -205,10 +205,14 @@ def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator) -
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         tmp = out_dir / ".final.tmp"
-        unwrapped.save_pretrained(tmp, safe_serialization=True,
-                                  state_dict=accelerator.get_state_dict(model))
-        tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / "msd_config.yaml", config_yaml)
-        atomic_replace_dir(tmp, final)
+        try:
+            unwrapped.save_pretrained(tmp, safe_serialization=True,
+                                      state_dict=accelerator.get_state_dict(model))
+            tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / "msd_config.yaml", config_yaml)
+            atomic_replace_dir(tmp, final)
+        except BaseException:  # a full disk: free the space for the rerun
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
     return final
