@@ -237,6 +237,7 @@ def test_two_evals_at_once_lose_no_record(env, tmp_path):
     ("data.limit=0", "data.limit"), ("loss.top_k=0", "loss.top_k"), ("loss.chunk_size=-5", "loss.chunk_size"),
     ("train.output_dir=", "train.output_dir"), ("train.output_dir=  ", "train.output_dir"),
     ("model.name_or_path=", "model.name_or_path"), ("data.source=", "data.source"),
+    ("train.seed=-1", "train.seed"), ("data.seed=4294967296", "data.seed"),
 ])
 def test_a_value_out_of_bounds_is_refused_before_any_work(env, capsys, override, key):
     line = error_line(capsys, train_argv(env, override, out="never"))
@@ -287,6 +288,7 @@ def test_judge_flags_have_bounds(env, capsys, flag, value):
 @pytest.mark.parametrize("flag, value", [
     ("--num-samples", "0"), ("--max-new-tokens", "0"), ("--temperature", "-1"), ("--top-p", "0"),
     ("--batch-size", "-3"), ("--limit", "0"), ("--out", ""), ("--out", " "), ("--max-new-tokens", "x"),
+    ("--seed", "-1"),
 ])
 def test_eval_flags_have_bounds(env, capsys, flag, value):
     argv = eval_argv(env, env["root"] / "never-eval", flag, value)

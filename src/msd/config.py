@@ -59,7 +59,7 @@ class DataConfig:
     heldout_fraction: float = _f(0.1, "Share of query ids held out from training (deterministic by id and seed).", ge=0, lt=1,
                                  note="1 would hold out all queries, leaving none to train on")
     limit: int | None = _f(None, "Use at most this many training tuples (after the split).", ge=1)
-    seed: int = _f(0, "Seed of the train/held-out split.")
+    seed: int = _f(0, "Seed of the train/held-out split.", ge=0, lt=2**32)
 
 
 @dataclass
@@ -106,7 +106,7 @@ class TrainConfig:
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
     mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    seed: int = _f(0, "Seed for sampling, shuffling and initialisation.")
+    seed: int = _f(0, "Seed for sampling, shuffling and initialisation.", ge=0, lt=2**32)
     log_every: int = _f(1, "Log every N optimizer steps.", ge=1)
     save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = _f(2, "Keep the last N checkpoints.", ge=1)

@@ -134,6 +134,8 @@ def _check_positive(args, *names: str) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise MsdError(f"must be at least 1, got {value}", "--" + name.replace("_", "-"))
+    if not 0 <= args.seed < 2**32:  # numpy's seeds are unsigned 32-bit
+        raise MsdError(f"must be in [0, 2**32), got {args.seed}", "--seed")
 
 
 def _check_bounds(args, options) -> None:
