@@ -89,6 +89,7 @@ def _adapter(env, name, seed=0) -> Path:
     ("benchmark edited", "benchmark content"),
     ("benchmark with the same stem", "benchmark content"),
     ("generation setting", "max_new_tokens"),
+    ("dtype", "dtype"),
 ])
 def test_a_changed_input_is_never_silently_reused(env, capsys, change, named):
     out = env["root"] / f"reuse-{change.replace(' ', '_')}"
@@ -116,6 +117,8 @@ def test_a_changed_input_is_never_silently_reused(env, capsys, change, named):
         kw["bench"] = str(other)
     elif change == "generation setting":
         extra = ["--max-new-tokens", "4"]
+    elif change == "dtype":
+        extra = ["--dtype", "bfloat16"]
     line = error_line(capsys, eval_argv(env, out, *extra, **kw))
     assert named in line and "--fresh" in line, line
     assert records(out) == before  # nothing lost, nothing relabelled
@@ -160,6 +163,23 @@ def test_training_does_not_resume_after_its_data_changed(env, capsys):
     line = error_line(capsys, train_argv(env, "train.max_steps=3", out="tdata", source=data))
     assert "identity.data_content" in line and "--no-resume" in line
     assert main(train_argv(env, "train.max_steps=1", "--no-resume", out="tdata", source=data)) == 0
+
+
+def test_training_does_not_resume_after_its_template_file_changed(env, capsys):
+    template = env["root"] / "teacher.txt"
+    template.write_text("Q: {query} / {english}")
+    argv = train_argv(env, f"prompt.teacher_template={template}", "train.max_steps=2", "train.save_every=1",
+                      out="ttemplate")
+    assert main(argv) == 0
+    template.write_text("Question: {query} (English: {english})")  # same path, other text
+    line = error_line(capsys, argv[:-2] + ["train.max_steps=3"])
+    assert "identity.teacher_template_text" in line
+
+
+def test_a_broken_chat_template_is_one_line(env, capsys):
+    line = error_line(capsys, eval_argv(env, env["root"] / "never-eval", "--chat-template",
+                                        "text:{% for m in messages %}{{ m['content'] }"))
+    assert "model.chat_template: the chat template fails" in line
 
 
 def test_training_does_not_resume_on_another_model(env, capsys):

@@ -101,7 +101,15 @@ def training_identity(cfg) -> dict:
     """What a training run's checkpoints must match beyond its config: the content of the data
     file and the model's files (a registered source or a hub id is known by its name).
     Fixed bug: a run resumed without a word after its data file was edited."""
+    from msd.textsetting import read_text_setting
+
     source = Path(cfg.data.source).expanduser()
     model = model_identity(cfg.model.name_or_path)
+    templates = {key: text_sha(read_text_setting(value, key)) if value else None
+                 for key, value in (("model.chat_template", cfg.model.chat_template),
+                                    ("prompt.teacher_template", cfg.prompt.teacher_template))}
     return {"data_content": file_sha(source) if source.is_file() else cfg.data.source,
-            "model_files": f"{model['path']}@{model['sha']}" if model and model["sha"] else cfg.model.name_or_path}
+            "model_files": f"{model['path']}@{model['sha']}" if model and model["sha"] else cfg.model.name_or_path,
+            # a template given as a file: its text counts, not only its path
+            "chat_template_text": templates["model.chat_template"],
+            "teacher_template_text": templates["prompt.teacher_template"]}

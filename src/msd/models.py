@@ -62,6 +62,11 @@ def load_tokenizer(path: str, model_cfg):
         raise MsdError(f"cannot load tokenizer ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})",
                        path) from None
     load_chat_template(tok, model_cfg.chat_template)
+    try:  # a broken Jinja template fails here, named, not at the first prompt
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja2 raises many kinds
+        raise MsdError(f"the chat template fails on a one-message chat ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]})", "model.chat_template") from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

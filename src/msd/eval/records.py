@@ -116,7 +116,10 @@ def load_run(run_dir: str | Path) -> dict:
 def identity(model, tokenizer, tuples=None, given: dict | None = None) -> dict:
     """What made the records besides the generation settings: the model and adapter (path and
     file hashes), the chat template, and the benchmark's content (not only its name)."""
+    params = getattr(model, "parameters", None)
+    dtype = next(iter(params()), None) if callable(params) else None
     out = {"model": fingerprint.loaded_model_identity(model), "adapter": None,
+           "dtype": str(getattr(dtype, "dtype", None)),  # what --dtype auto became on this machine
            "chat_template_sha": fingerprint.text_sha(getattr(tokenizer, "chat_template", None))}
     if tuples is not None:
         out["benchmark_sha"] = fingerprint.content_sha(tuples)
@@ -124,7 +127,7 @@ def identity(model, tokenizer, tuples=None, given: dict | None = None) -> dict:
     return out
 
 
-IDENTITY_KEYS = ("model", "adapter", "chat_template_sha", "benchmark_sha")
+IDENTITY_KEYS = ("model", "adapter", "dtype", "chat_template_sha", "benchmark_sha")
 NAMES = {"chat_template_sha": "chat template", "benchmark_sha": "benchmark content",
          "teacher_template_sha": "teacher template", "model": "model", "adapter": "adapter"}
 

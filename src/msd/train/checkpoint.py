@@ -176,8 +176,9 @@ def resume_keys(cfg_dict: dict) -> dict:
 def changes(old: dict | None, new: dict) -> str:
     """' (train.lr: 0.001 -> 0.002)': the resume-relevant keys that differ from `old`."""
     old = old if isinstance(old, dict) else {}
-    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items()
-            for k, v in sec.items() if old and isinstance(old.get(s, {}), dict) and old.get(s, {}).get(k) != v]
+    sec = lambda d, s: d.get(s) if isinstance(d.get(s), dict) else {}  # noqa: E731
+    diff = [f"{s}.{k}: {sec(old, s).get(k)!r} -> {sec(new, s).get(k)!r}" for s in {**old, **new}
+            for k in {**sec(old, s), **sec(new, s)} if old and sec(old, s).get(k) != sec(new, s).get(k)]
     return f" ({', '.join(diff)})" if diff else ""
 
 
