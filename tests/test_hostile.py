@@ -224,19 +224,32 @@ def test_a_second_writer_gets_one_line_naming_the_holder(env, capsys):
 
 
 def test_two_evals_at_once_lose_no_record(env, tmp_path):
+    """The first eval is held up by a slow judge, so the second surely starts while it runs."""
+    def slow(h):
+        time.sleep(0.4)
+        _ok(h)
+
+    server, _ = _server(slow)
     out = tmp_path / "two"
     bench = tmp_path / "q.jsonl"
     write_queries(bench, n=12)
     argv = [sys.executable, "-m", "msd.cli", *eval_argv(env, out, bench=str(bench))]
-    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, env=_env()) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes in ([0, 0], [0, 2]), results  # serialised by the lock, or refused with exit 2
-    for code, err in results:
-        if code == 2:
-            assert err.count("\n") == 1 and "is writing to this folder" in err
+    argv[argv.index("keyword")] = "llm"
+    argv += ["--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--judge-model", "m",
+             "--judge-concurrency", "1", "--judge-cache-dir", str(tmp_path / "cache")]
+    first = subprocess.Popen(argv, stderr=subprocess.PIPE, env=_env())
+    lock = out / ".msd.lock"
+    deadline = time.time() + 60
+    while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=120)
+    assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:]
+    server.shutdown()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"pid {first.pid}" in second.stderr and str(out) in second.stderr
     recs = records(out)
-    assert len(recs) == 12 and len({(r["query_id"], r["sample"]) for r in recs}) == 12
+    assert len(recs) == 12 and all(r["label"] == "safe" for r in recs)
+    assert len({(r["query_id"], r["sample"]) for r in recs}) == 12
 
 
 # ============================================================ 3. bounds, choices, paths
