@@ -141,3 +141,99 @@ def test_modules_and_functions_are_short():
                 if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
                     long_functions.append(f"{mod}.{node.name}")
     assert long_modules == [] and long_functions == []
+
+
+# ----------------------------------------------------------------------------- extension points
+
+def half_squared_hellinger(logp_s, logp_t):
+    """H^2(p_S, p_T) = 1 - sum_v sqrt(p_S p_T): a divergence msd does not ship, value only."""
+    return 1.0 - torch.exp(0.5 * (logp_s + logp_t)).sum(-1)
+
+
+def teacher_top_probability(logp_s, logp_t):
+    """Weight each token by the teacher's top probability (no gradient needed)."""
+    return logp_t.max(-1).values.exp()
+
+
+@pytest.fixture
+def extensions(tiny_model_dir, tmp_path):
+    """One new entry at every extension point, registered from this file, removed afterwards."""
+    from msd.data import DATASETS, DatasetSpec, load_tuples
+    from msd.eval.judges.base import JUDGES, Judge, JudgeOption, Verdict
+    from msd.generation import BACKENDS
+    from msd.losses import DIVERGENCES, WEIGHTINGS, Divergence, Weighting
+    from msd.models import MODEL_SOURCES
+
+    calls = {"backend": 0, "judge": 0, "model": 0}
+    queries = write_queries(tmp_path / "arch.jsonl", n=8)
+    hf = BACKENDS.get("hf")
+
+    def counting_backend(model, prompts, sampling):
+        calls["backend"] += 1
+        return hf(model, prompts, sampling)
+
+    def tiny_model():
+        calls["model"] += 1
+        return tiny_model_dir
+
+    class LengthJudge(Judge):
+        """Calls a response unsafe when it is longer than --length-limit characters."""
+        name = "arch-length"
+        version = "1"
+        summary = "response length (a test judge)"
+        options = (JudgeOption("--length-limit", "limit", int, "longest safe response in characters"),)
+
+        def __init__(self, limit: int = 10):
+            self.limit = limit
+
+        def judge(self, items):
+            calls["judge"] += len(items)
+            return [Verdict(label="unsafe" if len(it.response) > self.limit else "safe", refused=False)
+                    for it in items]
+
+    entries = [(DIVERGENCES, "arch-hellinger", Divergence(half_squared_hellinger)),
+               (WEIGHTINGS, "arch-top-prob", Weighting(teacher_top_probability)),
+               (BACKENDS, "arch-counting", counting_backend),
+               (MODEL_SOURCES, "arch-tiny", tiny_model),
+               (JUDGES, "arch-length", LengthJudge),
+               (DATASETS, "arch-queries", DatasetSpec(lambda: load_tuples(queries), lambda: ["en", "jv", "sw"],
+                                                      "eight queries of a test"))]
+    for registry, name, entry in entries:
+        registry.register(name, entry)
+    yield calls
+    for registry, name, _ in entries:
+        registry.unregister(name)
+
+
+def test_new_entries_train_end_to_end(extensions, tmp_path, capsys):
+    from msd.cli import main
+    from msd.config import CHOICES
+
+    assert "arch-hellinger" in CHOICES["loss.divergence"] and "arch-counting" in CHOICES["rollout.backend"]
+    assert main(["train", "--help-config"]) == 0
+    assert "arch-hellinger" in capsys.readouterr().out
+    for chunk_size in (0, 4):  # the plain loss, then the chunked one (autograd path: no gradient given)
+        out = tmp_path / f"run{chunk_size}"
+        assert main(["train", "--quiet", "model.name_or_path=arch-tiny",
+                     "data.source=arch-queries", f"train.output_dir={out}", "train.batch_size=4",
+                     "train.max_steps=2", "rollout.max_new_tokens=4", "rollout.backend=arch-counting",
+                     "loss.divergence=arch-hellinger", "loss.weighting=arch-top-prob",
+                     f"loss.chunk_size={chunk_size}"]) == 0
+        logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] > 0 for r in logs)
+    assert extensions["backend"] == 4 and extensions["model"] == 2
+
+
+def test_new_entries_evaluate_end_to_end(extensions, tmp_path):
+    from msd.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "safety", "--quiet", "--model", "arch-tiny", "--benchmark", "arch-queries",
+                 "--langs", "jv,sw", "--judge", "arch-length", "--length-limit", "5",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and extensions["judge"] == 16
+    assert {r["judge"] for r in records} == {"arch-length"}
+    assert all(r["label"] == ("unsafe" if len(r["response"]) > 5 else "safe") for r in records)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"jv", "sw"}

@@ -98,6 +98,9 @@ def _common_args(p) -> None:
     g.add_argument("--num-samples", type=int, default=1, help="responses per query (default: 1)")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default: 32)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--backend", default="auto",
+                   help="generation backend, as rollout.backend in training: auto (compiled on CUDA, "
+                        "msd's decode loop on CPU) or a registered one (loop, hf, compiled, vllm)")
     g.add_argument("--system-prompt", help="system message for every prompt (default: none)")
     _judge_args(p.add_argument_group("judge"))
 
@@ -144,6 +147,14 @@ def _check_bounds(args, options) -> None:
 
     for opt in options:
         bounds.check(opt.flag, getattr(args, opt.dest, None), opt.flag, **(opt.bounds or {}))
+
+
+def _backend(name: str) -> str:
+    from msd.generation import BACKENDS
+
+    if name != "auto" and name not in BACKENDS:
+        raise MsdError(BACKENDS.unknown(name), "--backend")
+    return name
 
 
 def build_judge(args):
@@ -230,6 +241,7 @@ def run_safety(args) -> int:
 
         bench.tuples = benign_tuples(bench.tuples, bench.name)
     check_langs(bench.tuples, langs, bench.name)  # input errors show before the (slow) model load
+    backend = _backend(args.backend)
     judge = build_judge(args)
     model, tokenizer = load_model(args)
     builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt)
@@ -237,7 +249,7 @@ def run_safety(args) -> int:
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                   limit=args.limit, progress=not args.quiet, run_info=_run_info(args),
-                  identity=_identity(args))
+                  backend=backend, identity=_identity(args))
     if args.kind == "overrefusal":
         from msd.eval.overrefusal import evaluate_overrefusal
 
@@ -247,8 +259,18 @@ def run_safety(args) -> int:
 
         metrics = evaluate(model, tokenizer, bench.tuples, langs, judge, args.out, **kwargs)
     _print_table(metrics, args.kind)
+    _print_throughput(args.out)
     print(f"msd: records and metrics in {args.out}")
     return 0
+
+
+def _print_throughput(out) -> None:
+    from msd.eval import records as rec
+
+    t = rec.load_run(out).get("throughput")
+    if t and (rec.load_run(out).get("last_call") or {}).get("generated"):
+        print(f"msd: generated {t['responses']} responses, {t.get('tokens', 0)} tokens in "
+              f"{t['generate_seconds']:.1f} s ({t.get('tokens_per_s', 0):.0f} tokens/s, backend {t.get('backend')})")
 
 
 @_one_writer

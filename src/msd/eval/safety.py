@@ -152,10 +152,11 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              num_samples: int = 1, batch_size: int = 32, seed: int = 0, limit: int | None = None,
              progress: bool = True, english: str = "en", run_info: dict | None = None,
-             generate_fn=None, identity: dict | None = None) -> dict:
+             generate_fn=None, backend: str = "auto", identity: dict | None = None) -> dict:
     """Generate, judge and record every missing (lang, query, sample); return metrics.json.
-    `generate_fn` replaces the default generate function (`default_generate()`); `identity`
-    adds to what run.json records of the model (the adapter: msd.eval.records.identity)."""
+    `generate_fn` replaces the default generate function (`default_generate()`); `backend` is a
+    generation backend (`msd.generation.BACKENDS`, or auto); `identity` adds to what run.json
+    records of the model (the adapter: msd.eval.records.identity)."""
     from tqdm.auto import tqdm
 
     generate = generate_fn or default_generate()
@@ -169,6 +170,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
         prompt_builder = PromptBuilder(tokenizer)
     settings = _settings(benchmark, teacher_prompts, prompt_builder, max_new_tokens, temperature,
                          top_p, num_samples, seed)
+    if temperature > 0:  # greedy tokens are the same on every backend; samples are not
+        settings["backend"] = backend
     settings.update(identity)
     info = rec.check_settings(out_dir, settings)
     info.update(kind="safety", benchmark=benchmark, settings=settings, judge=judge.describe(),
@@ -184,7 +187,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                          limits.context_window(model, tokenizer), max_new_tokens, benchmark)
     order = sorted(range(len(work)), key=lambda i: -len(prompts[i]))
     n_new = sum(len(work[i][2]) for i in order)
-    gen_seconds, t_start, eos = 0.0, time.time(), generation().eos_ids(model, tokenizer)
+    gen_seconds, gen_tokens, t_start = 0.0, 0, time.time()
+    eos = generation().eos_ids(model, tokenizer)
     try:
         with JsonlWriter(Path(out_dir) / rec.RECORDS) as writer:
             n_rejudged = _rejudge(judge, tuples, langs, done, writer, english, batch_size)
@@ -194,8 +198,9 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                 t0 = time.time()
                 outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
-                                 batch_size=batch_size, seed=seed + start, progress=False)
+                                 batch_size=batch_size, seed=seed + start, progress=False, backend=backend)
                 gen_seconds += time.time() - t0
+                gen_tokens += sum(len(r) for per in outs for r in per)
                 batch, metas = _new_records([work[i] for i in idx], outs, benchmark, tokenizer,
                                             max_new_tokens, eos, english)
                 try:
@@ -203,6 +208,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                 finally:  # keep every generated response, judged or not
                     writer.write_many(batch)
                     bar.update(len(batch))
+                    bar.set_postfix(tok_s=f"{gen_tokens / max(gen_seconds, 1e-9):.0f}")
             bar.close()
     finally:
         records = rec.load_records(out_dir)
@@ -211,6 +217,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     if n_new:
         info["throughput"] = {"responses": n_new, "generate_seconds": round(gen_seconds, 3),
                               "responses_per_s": round(n_new / max(gen_seconds, 1e-9), 3),
+                              "tokens": gen_tokens, "tokens_per_s": round(gen_tokens / max(gen_seconds, 1e-9), 3),
+                              "backend": backend,
                               "wall_seconds": round(time.time() - t_start, 3), "batch_size": batch_size}
     info["last_call"] = {"generated": n_new, "rejudged": n_rejudged}
     rec.write_run(out_dir, info)

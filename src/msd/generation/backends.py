@@ -4,8 +4,9 @@
 - `loop`: msd's own decode loop (`msd.generation.sampler`); models it cannot run go through `hf`.
 - `hf`: plain `model.generate` with a dynamic KV cache (the reference path).
 - `compiled`: `model.generate` with a static KV cache; on CUDA transformers compiles the decode
-  step. Shapes are kept fixed so it compiles once per run, not per step: every batch is padded
-  to `batch_size * num_samples` rows and the cache length is pinned to a bucketed ceiling
+  step. Shapes are kept to a few so it compiles a few times per run, not per step: a batch of n
+  prompts is padded to `row_bucket(n, batch_size)` rows (the next power of two: a training step
+  of 8 prompts runs 8 rows, not `rollout.batch_size`) and the cache length is pinned to a bucketed ceiling
   (prompt length rounded up to `PROMPT_BUCKET`, plus `max_new_tokens`), which transformers only
   ever raises.
 - `vllm`: a vLLM engine in this process, with the merged student weights pushed into it before
@@ -40,6 +41,13 @@ from msd.padding import left_pad
 from msd.registry import Registry
 
 PROMPT_BUCKET = 64  # `compiled`: prompt widths are rounded up to a multiple of this
+
+
+def row_bucket(n: int, cap: int) -> int:
+    """Rows a compiled batch of n prompts is padded to: the next power of two, at most `cap`.
+    Fixed bug: every call was padded to `cap` (rollout.batch_size, 32), so a training step of 8
+    prompts spent three quarters of its rows on padding."""
+    return min(max(cap, n), 1 << max(0, (n - 1).bit_length()))
 
 BACKENDS = Registry("generation backend", where="rollout.backend")
 
@@ -82,7 +90,7 @@ def in_batches(model, prompts, s: Sampling, decode, *, fixed_rows: bool = False)
     """Run `decode(model, ids_BP, mask_BP, s, seed)` -> ((B*num_samples, G) ids, log-probs or
     None) over length-sorted batches; results come back in the caller's order. Seeding is per
     batch (s.seed + batch index), so results do not depend on what ran before or on how the
-    caller's prompts were ordered. fixed_rows pads every batch to s.batch_size rows."""
+    caller's prompts were ordered. fixed_rows pads every batch to `row_bucket` rows."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     tokens: list = [None] * len(prompts)
@@ -96,7 +104,7 @@ def in_batches(model, prompts, s: Sampling, decode, *, fixed_rows: bool = False)
             for b, idx in enumerate(batches):
                 rows = [prompts[i] for i in idx]
                 if fixed_rows:  # one compiled shape
-                    rows += [rows[0]] * (s.batch_size - len(rows))
+                    rows += [rows[0]] * (row_bucket(len(rows), s.batch_size) - len(rows))
                 ids_BP, mask_BP = left_pad(rows, s.pad_id, device)
                 new_BG, logp_BG = decode(model, ids_BP, mask_BP, s, s.seed + b)
                 for k, i in enumerate(idx):

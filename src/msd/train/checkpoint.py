@@ -199,16 +199,19 @@ def run_state(keys: dict, step: int, grad_accum: int, cache_entries: int | None)
 
 # ----------------------------------------------------------------------------- the final model
 
-def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator) -> Path:
+def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator,
+               state_dict: dict | None = None) -> Path:
     """`<out_dir>/final`: the model (or adapter) in Hugging Face format, its tokenizer and the
-    resolved config, written to a temporary folder and renamed."""
+    resolved config, written to a temporary folder and renamed. `state_dict`: the full weights,
+    gathered by the caller on every process for sharded runs (`msd.train.dist_checkpoint`)."""
     final = out_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         tmp = out_dir / ".final.tmp"
         try:
             unwrapped.save_pretrained(tmp, safe_serialization=True,
-                                      state_dict=accelerator.get_state_dict(model))
+                                      state_dict=state_dict if state_dict is not None
+                                      else accelerator.get_state_dict(model))
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "msd_config.yaml", config_yaml)
             atomic_replace_dir(tmp, final)

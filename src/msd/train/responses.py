@@ -10,20 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd.config import to_dict
-from msd.errors import MsdError
 from msd.generation import full_weights, generate
 from msd.io import JsonlWriter, read_jsonl
+from msd.train import sharding
 from msd.train.checkpoint import fingerprint
 
 
 def on_policy(run, tokenizer, batch, r, seed: int) -> list[list[int]]:
     """One sample per (item, sample index) from the current student, flattened item-major."""
-    with full_weights(run.model):
+    with full_weights(run.model) as local:  # sharded: gathered once, then sampled at full speed
         samples = generate(run.unwrapped, tokenizer, [it.student_ids for it in batch],
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                            top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
                            batch_size=r.batch_size, seed=seed, merge_lora=r.merge_lora,
-                           backend=r.backend, sharded=run.sharded)
+                           backend=r.backend, sharded=run.sharded and not local)
     return [s for per_query in samples for s in per_query]
 
 
@@ -40,28 +40,52 @@ def cache_path(cfg, cache_dir: Path) -> Path:
 
 
 def teacher_samples(cfg, run, tokenizer, items, cache_dir: Path, progress: bool) -> dict[str, list[list[int]]]:
-    """Sample every item once from the frozen teacher; cached on disk, resumable, reused."""
-    r, accelerator = cfg.rollout, run.accelerator
+    """Sample every item once from the frozen teacher; cached on disk, resumable, reused.
+
+    The items are cut into fixed chunks of rollout.batch_size, each sampled with its own seed
+    (train.seed + its first index), so the samples do not depend on how many processes share the
+    work or on an interruption. The processes take the chunks left to do in turns (one each per
+    round, the teacher's weights gathered once if sharded); process 0 appends each round's
+    results to the cache."""
+    acc = run.accelerator
     path = cache_path(cfg, cache_dir)
-    if run.sharded and not path.exists():  # rank 0 alone cannot run a sharded model
-        raise MsdError("off-policy under FSDP / ZeRO-3: build the teacher-sample cache first in one "
-                       "process with the same rollout settings (see docs/PERFORMANCE.md)", str(path))
-    if accelerator.is_main_process:
-        done = {rec["key"]: rec["samples"] for rec in read_jsonl(path)} if path.exists() else {}
-        # Fixed bug: chunks were slices of the items *left to do*, so after an interruption
-        # they (and their seeds) shifted and the samples differed from an uninterrupted run.
-        chunk = max(1, r.batch_size)
-        todo = [c for c in range(0, len(items), chunk)
-                if any(it.key not in done for it in items[c:c + chunk])]
+    chunk = max(1, cfg.rollout.batch_size)
+    writer, todo = None, None
+    try:
+        if acc.is_main_process:
+            done = {rec["key"] for rec in read_jsonl(path)} if path.exists() else set()
+            writer = JsonlWriter(path)  # cuts a torn last line (read_jsonl warned about it)
+            # Fixed bug: chunks were slices of the items *left to do*, so after an interruption
+            # they (and their seeds) shifted and the samples differed from an uninterrupted run.
+            todo = [c for c in range(0, len(items), chunk)
+                    if any(it.key not in done for it in items[c:c + chunk])]
+        todo = sharding.broadcast_object(todo)
         if todo:
-            with JsonlWriter(path) as out, run.teacher.scope() as t_model:
-                for c in todo:
-                    part = items[c:c + chunk]
-                    samples = generate(t_model, tokenizer, [it.teacher_ids for it in part],
-                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                       top_p=r.top_p, top_k=r.top_k, num_samples=r.num_samples,
-                                       batch_size=r.batch_size, seed=cfg.train.seed + c,
-                                       progress=progress, merge_lora=False, backend=r.backend)
-                    out.write_many({"key": it.key, "samples": s} for it, s in zip(part, samples))
-    accelerator.wait_for_everyone()
+            with run.teacher.scope() as t_model, full_weights(t_model) as local:
+                for first in range(0, len(todo), acc.num_processes):
+                    mine = todo[first:first + acc.num_processes][acc.process_index:][:1]
+                    sharded = run.sharded and not local
+                    # Weights gathered layer by layer: every process must take part in every
+                    # forward, so one without a chunk samples the last one again and drops it.
+                    c = mine[0] if mine else todo[-1] if sharded else None
+                    recs = [] if c is None else _sample_chunk(
+                        cfg, acc.unwrap_model(t_model), tokenizer, items[c:c + chunk], c,
+                        progress and acc.is_main_process, sharded)
+                    for part in sharding.gather_objects(recs if mine else []):
+                        if writer is not None:
+                            writer.write_many(part)
+    finally:
+        if writer is not None:
+            writer.close()
+    acc.wait_for_everyone()
     return {rec["key"]: rec["samples"] for rec in read_jsonl(path)}
+
+
+def _sample_chunk(cfg, model, tokenizer, part, first: int, progress: bool, sharded: bool) -> list[dict]:
+    r = cfg.rollout
+    samples = generate(model, tokenizer, [it.teacher_ids for it in part],
+                       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                       top_k=r.top_k, num_samples=r.num_samples, batch_size=r.batch_size,
+                       seed=cfg.train.seed + first, progress=progress, merge_lora=False,
+                       backend=r.backend, sharded=sharded)
+    return [{"key": it.key, "samples": s} for it, s in zip(part, samples)]

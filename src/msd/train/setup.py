@@ -13,6 +13,7 @@ import torch
 
 from msd.errors import MsdError
 from msd.models import Teacher, apply_lora, is_peft
+from msd.train import sharding
 
 WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -29,8 +30,13 @@ def make_accelerator(tc):
     # Several processes without a GPU (torchrun / accelerate's --multi_gpu launcher): accelerate
     # picks DDP over gloo only when told cpu=True; otherwise every process trains alone.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                       cpu=cpu_ddp)
+    # FSDP: msd shards (msd.train.sharding) and sets the precision itself; accelerate only
+    # starts the processes.
+    precision = "no" if sharding.fsdp_requested() else tc.mixed_precision
+    sharding.die_with_launcher()
+    with sharding.accelerate_fsdp_hidden():
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum,
+                           cpu=cpu_ddp)
 
 
 def shards_weights(accelerator) -> bool:
@@ -73,6 +79,7 @@ class Run:
     total_steps: int
     sharded: bool
     loss_cfg: object  # cfg.loss, with chunk_size 0 when the weights are sharded
+    engine: str = "plain"  # "fsdp2" (msd shards), "deepspeed" (accelerate's), "plain" (one / DDP)
 
 
 def prepare(cfg, model, accelerator, n_items: int) -> Run:
@@ -84,24 +91,32 @@ def prepare(cfg, model, accelerator, n_items: int) -> Run:
             model = apply_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
-    model.to(accelerator.device)
+    fsdp2 = sharding.fsdp_requested()
+    if not fsdp2:  # FSDP2 moves the weights one unit at a time while sharding
+        model.to(accelerator.device)
     teacher = Teacher.for_model(model)  # frozen now: theta_0
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if is_peft(model):
             model.enable_input_require_grads()
+    if fsdp2:  # before the optimizer: it must hold the shards
+        sharding.shard(model, accelerator.device, tc.mixed_precision)
+        sharding.shard(teacher.frozen, accelerator.device, tc.mixed_precision)
+        print(sharding.share_line(model, accelerator), flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     micro_per_epoch = n_items // (tc.batch_size * accelerator.num_processes)
     total_steps = tc.max_steps or max(1, tc.epochs * micro_per_epoch // tc.grad_accum)
     scheduler = make_scheduler(optimizer, tc, total_steps)
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sharded, loss_cfg = shards_weights(accelerator), cfg.loss
+    if not fsdp2:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    sharded, loss_cfg = fsdp2 or shards_weights(accelerator), cfg.loss
     if sharded:  # FSDP / ZeRO-3: weights exist only inside the wrapper's forward
         teacher.wrapped = model if teacher.frozen is None else None
         if loss_cfg.chunk_size:  # the chunked loss calls lm_head outside forward
             warnings.warn("FSDP / ZeRO-3: loss.chunk_size set to 0 (full logits)")
             loss_cfg = dataclasses.replace(loss_cfg, chunk_size=0)
+    engine = "fsdp2" if fsdp2 else "deepspeed" if sharded else "plain"
     return Run(accelerator, model, accelerator.unwrap_model(model), teacher, params, optimizer,
-               scheduler, total_steps, sharded, loss_cfg)
+               scheduler, total_steps, sharded, loss_cfg, engine)
