@@ -129,12 +129,15 @@ def read_state(path: Path) -> dict:
                        "folder to resume from the one before", str(path)) from None
     # Fixed bug: a state.json of [] or {} or with a text step crashed, and {} skipped the check.
     bad = ("not a JSON object" if not isinstance(state, dict) else
-           "no whole-number step" if type(state.get("step")) is not int or state["step"] < 0 else
-           "no config fingerprint" if not isinstance(state.get("config_fingerprint"), str) else None)
+           "no whole-number step" if type(state.get("step")) is not int or state["step"] < 0 else None)
     if bad:
-        raise MsdError(f"damaged checkpoint state.json ({bad}); remove this folder to resume from "
-                       "the one before, or start over with --no-resume", str(path))
+        raise _damaged(bad, path)
     return state
+
+
+def _damaged(problem: str, path: Path) -> MsdError:
+    return MsdError(f"damaged checkpoint state.json ({problem}); remove this folder to resume from "
+                    "the one before, or start over with --no-resume", str(path))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -185,6 +188,8 @@ def changes(old: dict | None, new: dict) -> str:
 def check_config(ckpt: Path, keys: dict) -> None:
     """Refuse to resume from a checkpoint made with other settings, naming what changed."""
     saved = read_state(ckpt)
+    if not isinstance(saved.get("config_fingerprint"), str):  # never skip the check
+        raise _damaged("no config fingerprint", ckpt)
     if saved["config_fingerprint"] != fingerprint(keys):
         raise MsdError("checkpoint was made with a different config"
                        f"{changes(saved.get('config'), keys)}; use a new train.output_dir or "
