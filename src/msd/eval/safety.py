@@ -20,7 +20,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from msd import families, languages
+from msd import families, languages, limits
 from msd.data import QueryTuple
 from msd.errors import MsdError
 from msd.eval import langid
@@ -157,14 +157,16 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              num_samples: int = 1, batch_size: int = 32, seed: int = 0, limit: int | None = None,
              progress: bool = True, english: str = "en", run_info: dict | None = None,
-             generate_fn=None, backend: str = "auto") -> dict:
+             generate_fn=None, backend: str = "auto", identity: dict | None = None) -> dict:
     """Generate, judge and record every missing (lang, query, sample); return metrics.json.
     `generate_fn` replaces the default generate function (`default_generate()`); `backend` is a
-    generation backend (`msd.generation.BACKENDS`, or auto)."""
+    generation backend (`msd.generation.BACKENDS`, or auto); `identity` adds to what run.json
+    records of the model (the adapter: msd.eval.records.identity)."""
     from tqdm.auto import tqdm
 
     generate = generate_fn or default_generate()
     out_dir = ensure_writable_dir(out_dir)
+    identity = rec.identity(model, tokenizer, tuples, identity)  # before --limit: extending is fine
     tuples = list(tuples)[:limit] if limit else list(tuples)
     check_langs(tuples, langs, benchmark)
     if prompt_builder is None:
@@ -175,6 +177,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                          top_p, num_samples, seed)
     if temperature > 0:  # greedy tokens are the same on every backend; samples are not
         settings["backend"] = backend
+    settings.update(identity)
     info = rec.check_settings(out_dir, settings)
     info.update(kind="safety", benchmark=benchmark, settings=settings, judge=judge.describe(),
                 languages=list(langs))
@@ -185,6 +188,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     # Longest prompts first: similar lengths share a batch, and memory trouble shows up at once.
     prompts = [prompt_builder.teacher(t.texts[lang], t.texts[english], lang) if teacher_prompts
                else prompt_builder.student(t.texts[lang]) for t, lang, _ in work]
+    limits.check_context([(f"query {t.id} ({lang})", len(p)) for (t, lang, _), p in zip(work, prompts)],
+                         limits.context_window(model, tokenizer), max_new_tokens, benchmark)
     order = sorted(range(len(work)), key=lambda i: -len(prompts[i]))
     n_new = sum(len(work[i][2]) for i in order)
     gen_seconds, gen_tokens, t_start = 0.0, 0, time.time()

@@ -21,6 +21,7 @@ import torch
 
 from msd.config import chunk_size_for, to_dict, to_yaml
 from msd.data import QueryTuple, load_tuples, split
+from msd import fingerprint, limits
 from msd.errors import MsdError
 from msd.io import atomic_write_text, ensure_writable_dir
 from msd.losses import LossSpec
@@ -57,6 +58,8 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     items = training_items(cfg, tuples, tokenizer, accelerator.num_processes)
+    limits.check_context([(f"query {it.key}", max(len(it.student_ids), len(it.teacher_ids))) for it in items],
+                         limits.context_window(model, tokenizer), cfg.rollout.max_new_tokens, "data.source")
     run = prepare(cfg, model, accelerator, len(items))
     start = resume_from_checkpoint(cfg, run, out_dir, resume)
     if accelerator.is_main_process:
@@ -98,6 +101,9 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
     if tuples is None:
         tuples = load_tuples(cfg.data.source, cfg.data.english)
     train_tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
+    if not train_tuples:  # Fixed bug: this was reported as a data.languages problem
+        raise MsdError(f"data.heldout_fraction={cfg.data.heldout_fraction} holds out all {len(tuples)} "
+                       "queries; lower it", "data.heldout_fraction")
     if cfg.data.limit:
         train_tuples = train_tuples[: cfg.data.limit]
     items = build_items(cfg, train_tuples, tokenizer)
@@ -108,7 +114,7 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
 
 
 def resume_keys(cfg) -> dict:
-    return checkpoint.resume_keys(to_dict(cfg))
+    return {**checkpoint.resume_keys(to_dict(cfg)), "identity": fingerprint.training_identity(cfg)}
 
 
 def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) -> int:
