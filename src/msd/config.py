@@ -85,7 +85,7 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     divergence: str = _f("rkl", "Token divergence D_t (Eq. 5); rkl = KL(student||teacher) is the paper's default, fkl = KL(teacher||student).")
-    beta: float = _f(0.5, "JSD mixture weight of the teacher.")
+    beta: float = _f(0.5, "JSD mixture weight of the teacher; strictly inside (0, 1) for jsd (use fkl or rkl for the ends).")
     weighting: str = _f("dpsw", "Token weights (Eq. 6-8); dpsw is the paper's, uniform is none.")
     top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).", ge=1)
     chunk_size: int = _f(-1, "Response tokens per chunk of the chunked loss, counted over the whole batch; -1 = auto (32 on CPU, 512 on a GPU), 0 = plain loss on full logits (forced under FSDP/ZeRO-3).", ge=-1)

@@ -149,13 +149,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return read_state(path)
     # Fixed bug: a damaged file (SafetensorError, UnpicklingError, EOFError) raised a traceback.
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
-            SafetensorError, IndexError, TypeError, AttributeError) as e:  # any damaged content
-        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-        if isinstance(e, pickle.UnpicklingError):  # torch's message advises weights_only=False
-            first = "it holds objects other than plain tensors; refused to unpickle them"
-        raise MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
-                       "the one before, or start over with --no-resume", str(path)) from None
+    except DAMAGED as e:
+        raise unreadable(e, path) from None
+
+
+# What reading a damaged or foreign checkpoint file raises (any of its content may be garbage).
+DAMAGED = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+           SafetensorError, IndexError, TypeError, AttributeError)
+
+
+def unreadable(e: BaseException, path: Path) -> MsdError:
+    """The one-line error for a checkpoint whose files cannot be read back."""
+    first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    if isinstance(e, pickle.UnpicklingError):  # torch's message advises weights_only=False
+        first = "it holds objects other than plain tensors; refused to unpickle them"
+    return MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
+                    "the one before, or start over with --no-resume", str(path))
 
 
 # ----------------------------------------------------------------------------- resume check

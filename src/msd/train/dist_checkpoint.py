@@ -16,9 +16,8 @@ checkpoint intact. The final model is gathered to process 0 and written in Huggi
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,17 +66,21 @@ def save_checkpoint(run, out_dir: Path, step: int, state: dict, keep: int) -> No
         root.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=root, prefix=f".step_{step}.")
     tmp = Path(sharding.broadcast_object(tmp))
-    if run.engine == "fsdp2":
-        import torch.distributed.checkpoint as dcp
+    try:
+        if run.engine == "fsdp2":
+            import torch.distributed.checkpoint as dcp
 
-        dcp.save(_dcp_state(run), checkpoint_id=str(tmp / "dcp"))
-    else:
-        acc.save_state(str(tmp / "engine"))
-    torch.save(checkpoint.rng_state(), tmp / f"rng_{acc.process_index}.pt")
-    if acc.is_main_process:
-        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
-        atomic_write_json(tmp / "state.json", {**state, "step": step,
-                                               "processes": acc.num_processes, "engine": run.engine})
+            dcp.save(_dcp_state(run), checkpoint_id=str(tmp / "dcp"))
+        else:
+            acc.save_state(str(tmp / "engine"))
+        torch.save(checkpoint.rng_state(), tmp / f"rng_{acc.process_index}.pt")
+        if acc.is_main_process:
+            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+            atomic_write_json(tmp / "state.json", {**state, "step": step,
+                                                   "processes": acc.num_processes, "engine": run.engine})
+    except BaseException:  # a full disk or a kill: leave no half-written folder taking the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     acc.wait_for_everyone()  # every process's files are written
     if acc.is_main_process:
         _fsync_tree(tmp)  # on disk before the rename publishes the folder
@@ -111,11 +114,9 @@ def load_checkpoint(run, path: Path) -> dict:
         rng = path / f"rng_{acc.process_index}.pt"
         if rng.exists():  # absent when resumed with more processes: seeds are explicit anyway
             checkpoint.set_rng_state(torch.load(rng, weights_only=True))
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
-                       "the one before, or start over with --no-resume", str(path)) from None
-    return json.loads((path / "state.json").read_text())
+    except checkpoint.DAMAGED as e:
+        raise checkpoint.unreadable(e, path) from None
+    return saved
 
 
 def full_state_dict(run) -> dict | None:
