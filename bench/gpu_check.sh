@@ -6,9 +6,22 @@
 #
 #   bash bench/gpu_check.sh                # from the repository root
 #   bash bench/gpu_check.sh --no-trl --steps 5
+#
+# On a machine without network access, fetch the missing wheels first where pip works
+# (bash bench/fetch_gpu_wheels.sh: trl, datasets and msd's own light dependencies into .whl/)
+# and carry .whl/ along: they are installed into a private folder, msd is imported from src/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  SITE="${TMPDIR:-/tmp}/msd-bench-site"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "gpu_check: the wheels in .whl/ do not fit this Python (fetch them with PYVER=...); using what is installed"
+  fi
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 date -u +"date: %Y-%m-%dT%H:%M:%SZ"
 "$PY" - <<'PYEOF'
 import torch, transformers, peft

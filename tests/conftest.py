@@ -36,3 +36,19 @@ def write_queries(path, n: int = 16, langs=("jv", "sw")) -> str:
 @pytest.fixture
 def query_file(tmp_path):
     return write_queries(tmp_path / "queries.jsonl")
+
+
+@pytest.fixture(scope="session")
+def peaky_model_dir(tmp_path_factory):
+    """The tiny model with a 30x output head: peaked next-token distributions, so the student
+    and teacher contexts differ clearly and gradients sit far above AdamW's eps (near eps, Adam's
+    normalised update turns rounding noise into visible differences)."""
+    from safetensors.torch import load_file, save_file
+
+    from msd.testing import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("peaky") / "model")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 30
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

@@ -259,3 +259,12 @@ def test_demo_baselines_writes_every_method(tmp_path):
     assert "| dpo_robust |" in (tmp_path / "baselines.md").read_text()
     trained = load_config(tmp_path / "baselines" / "simpo" / "train" / "config.yaml")
     assert (trained.baseline.method, trained.lora.r, trained.baseline.data) == ("simpo", 4, "organism")
+
+
+def test_baseline_settings_have_bounds():
+    with pytest.raises(MsdError, match="baseline.label_smoothing"):
+        load_config(None, ["baseline.label_smoothing=0.5"])
+    with pytest.raises(MsdError, match="baseline.beta"):
+        load_config(None, ["baseline.beta=0"])
+    with pytest.raises(MsdError, match="baseline.data"):
+        load_config(None, ["baseline.data= "])

@@ -55,7 +55,7 @@ def test_empty_yaml_is_the_defaults(tmp_path):
     ("prompt.system_prompt=be kind: always", "prompt.system_prompt", "be kind: always"),
     ("model.name_or_path=Qwen/Qwen2.5-7B-Instruct", "model.name_or_path", "Qwen/Qwen2.5-7B-Instruct"),
     ("train.output_dir=runs/a=b", "train.output_dir", "runs/a=b"),  # split on the first '='
-    ("model.chat_template=123", "model.chat_template", "123"),
+    ("model.chat_template=text:123", "model.chat_template", "text:123"),  # a path unless marked as text
     ("train.mixed_precision=no", "train.mixed_precision", "no"),  # YAML would read False
     ("prompt.teacher_template=Q: {query}", "prompt.teacher_template", "Q: {query}"),
 ])

@@ -68,6 +68,7 @@ def test_unknown_benchmark_hint():
     (["--judge", "guard"], "--judge guard needs --guard-model"),
     (["--judge-model", "gpt"], "--judge-model do(es) not apply to --judge keyword"),
     (["--benchmark", "nofile.jsonl"], "query file not found"),
+    (["--backend", "nope"], "--backend: unknown generation backend 'nope'"),
 ])
 def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
     from msd.cli import main
@@ -96,3 +97,21 @@ def test_overrefusal_needs_benign_queries(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "overrefusal", "--model", str(tiny_model_dir), "--benchmark", "advbench",
                  "--out", str(tmp_path / "x")]) == 2
     assert "has no benign queries" in capsys.readouterr().err
+
+
+def test_eval_backends_give_the_same_greedy_records_and_log_tokens_per_s(tiny_model_dir, query_file,
+                                                                         tmp_path, capsys):
+    from msd.cli import main
+
+    texts = {}
+    for backend in ("loop", "hf", "compiled"):
+        out = tmp_path / backend
+        assert main(["eval", "safety", "--model", str(tiny_model_dir), "--benchmark", query_file,
+                     "--langs", "jv", "--limit", "6", "--max-new-tokens", "5", "--batch-size", "4",
+                     "--backend", backend, "--out", str(out), "--quiet"]) == 0
+        assert f"tokens/s, backend {backend})" in capsys.readouterr().out
+        throughput = json.loads((out / "run.json").read_text())["throughput"]
+        assert throughput["backend"] == backend and throughput["tokens_per_s"] > 0
+        assert throughput["tokens"] == sum(r["response_tokens"] for r in rec.load_records(out))
+        texts[backend] = [(r["query_id"], r["response"]) for r in rec.load_records(out)]
+    assert texts["loop"] == texts["hf"] == texts["compiled"]

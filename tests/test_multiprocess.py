@@ -32,22 +32,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def peaky_model_dir(tmp_path_factory):
-    """The tiny model with a 30x output head: peaked next-token distributions, so the student
-    and teacher contexts differ clearly and gradients sit far above AdamW's eps (near eps, Adam's
-    normalised update turns rounding noise into visible differences)."""
-    from safetensors.torch import save_file
-
-    from msd.testing import make_tiny_model
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("peaky") / "model")
-    weights = load_file(str(folder / "model.safetensors"))
-    weights["lm_head.weight"] = weights["lm_head.weight"] * 30
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
 def _overrides(model_dir, queries, out, batch):
     return [f"model.name_or_path={model_dir}", f"data.source={queries}", f"train.output_dir={out}",
             f"train.batch_size={batch}", "train.max_steps=2", "train.lr=1e-2", "train.save_every=1",

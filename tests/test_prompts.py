@@ -26,7 +26,7 @@ def test_teacher_contexts_hold_what_they_promise():
 
 def test_custom_template_needs_query(tmp_path):
     with pytest.raises(MsdError, match="query"):
-        resolve_template("full", "no placeholder here")
+        resolve_template("full", "text:no placeholder here")
     f = tmp_path / "t.txt"
     f.write_text("{query} / {english}")
     assert resolve_template("full", str(f)) == "{query} / {english}"

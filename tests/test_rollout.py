@@ -186,3 +186,27 @@ def test_a_backend_registered_from_outside_is_used(lora_model):
     assert len(tokens) == len(prompts) and all(len(per) == 2 for per in tokens)
     assert all(1 <= len(r) <= 5 and len(lp) == len(r) for per, lps in zip(tokens, logps)
                for r, lp in zip(per, lps))
+
+
+def test_compiled_pads_to_the_prompt_count_not_the_batch_size(lora_model):
+    """3 prompts with rollout.batch_size 32 run as 4 rows (the next power of two), not 32."""
+    from msd.generation.backends import row_bucket
+
+    assert [row_bucket(n, 32) for n in (1, 2, 3, 5, 8, 9, 32)] == [1, 2, 4, 8, 8, 16, 32]
+    assert row_bucket(5, 6) == 6
+    model, tok = lora_model
+    rows, real = [], model.generate
+
+    def spy(*args, **kw):
+        rows.append(kw["input_ids"].shape[0])
+        return real(*args, **kw)
+
+    model.generate = spy
+    try:
+        out = generate(model, tok, _prompts(tok)[:3], max_new_tokens=4, temperature=0, batch_size=32,
+                       backend="compiled")
+    finally:
+        del model.generate
+    assert rows == [4]
+    assert out == generate(model, tok, _prompts(tok)[:3], max_new_tokens=4, temperature=0,
+                           batch_size=32, backend="hf")

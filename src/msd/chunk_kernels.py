@@ -16,21 +16,25 @@ from msd.divergences import DIVERGENCES, Divergence
 LinearParts = tuple[torch.Tensor, torch.Tensor | None]  # a linear head: weight (V, H), bias (V,)
 
 
-def linear_logits(h_CH, weight_VH, bias_V, softcap: float | None):
-    """A linear head's logits, upcast to at least float32, soft-capped as the model does."""
+def linear_logits(h_CH, weight_VH, bias_V, softcap: float | None, scale: float = 1.0):
+    """A linear head's logits, upcast to at least float32, scaled and soft-capped as the model
+    does (`msd.families.LogitTransform`)."""
     z_CV = F.linear(h_CH, weight_VH, bias_V)
     z_CV = z_CV.to(torch.promote_types(z_CV.dtype, torch.float32))
+    if scale != 1.0:
+        z_CV = z_CV.mul_(scale)
     if softcap:
         z_CV = torch.tanh(z_CV / softcap).mul_(softcap)
     return z_CV
 
 
-def chunk_logits(h_s_CH, h_t_CH, s_head: LinearParts, t_head: LinearParts, softcap):
+def chunk_logits(h_s_CH, h_t_CH, s_head: LinearParts, t_head: LinearParts, softcap, scale=1.0):
     """(student, teacher) logits of one chunk; one GEMM when both use the same weights."""
     if s_head[0] is t_head[0] and s_head[1] is t_head[1] and h_s_CH.dtype == h_t_CH.dtype:
-        z_2CV = linear_logits(torch.cat([h_s_CH, h_t_CH]), *s_head, softcap)
+        z_2CV = linear_logits(torch.cat([h_s_CH, h_t_CH]), *s_head, softcap, scale)
         return z_2CV[: len(h_s_CH)], z_2CV[len(h_s_CH):]
-    return linear_logits(h_s_CH, *s_head, softcap), linear_logits(h_t_CH, *t_head, softcap)
+    return (linear_logits(h_s_CH, *s_head, softcap, scale),
+            linear_logits(h_t_CH, *t_head, softcap, scale))
 
 
 class Workspace:
@@ -54,7 +58,8 @@ class Workspace:
         self.z_2CV = self.rows_2RV = None
 
     def fits(self, spec: losses.LossSpec, entry: Divergence) -> bool:
-        return self.usable and entry.grad_in_place is not None and not spec.softcap
+        return (self.usable and entry.grad_in_place is not None and not spec.softcap
+                and spec.logit_scale == 1.0)
 
     def blocks(self, c: int):
         """(the (2c, V) logits block, the (2, R, V) row blocks)."""
@@ -76,7 +81,7 @@ def chunk_terms(h_s_CH, h_t_CH, s_head: LinearParts, t_head: LinearParts, spec: 
     if workspace is not None and workspace.fits(spec, entry):
         return _chunk_terms_in_place(h_s_CH, h_t_CH, s_head, t_head, spec, entry, workspace,
                                      with_grad)
-    z_s_CV, z_t_CV = chunk_logits(h_s_CH, h_t_CH, s_head, t_head, spec.softcap)
+    z_s_CV, z_t_CV = chunk_logits(h_s_CH, h_t_CH, s_head, t_head, spec.softcap, spec.logit_scale)
     logp_s_CV, logp_t_CV = torch.log_softmax(z_s_CV, -1), torch.log_softmax(z_t_CV, -1)
     del z_t_CV
     ones_C = torch.ones(len(h_s_CH), dtype=torch.bool, device=h_s_CH.device)
@@ -86,6 +91,8 @@ def chunk_terms(h_s_CH, h_t_CH, s_head: LinearParts, t_head: LinearParts, spec: 
     div_C, g_CV = entry.grad(logp_s_CV, logp_t_CV, **entry.options(spec))
     if spec.softcap:  # z = cap tanh(x / cap): dz/dx = 1 - (z / cap)^2
         g_CV.mul_(z_s_CV.div_(spec.softcap).square_().neg_().add_(1.0))
+    if spec.logit_scale != 1.0:  # z = scale x: dz/dx = scale
+        g_CV.mul_(spec.logit_scale)
     return div_C, w_C, g_CV
 
 

@@ -182,12 +182,30 @@ def _linear_parts(head) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return None
 
 
-def _capped_logits(head: Head, h: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """head(h), soft-capped as the model does after its head (Gemma 2), upcast if capped."""
-    z = head(h)
-    if not softcap:
+def _capped_logits(head: Head, h: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """head(h), scaled and soft-capped as the model does after its head (Gemma 2: soft-cap;
+    Granite, Cohere: a logit scale), upcast if changed."""
+    z = _head_input(head, h)
+    softcap, scale = spec.softcap, spec.logit_scale
+    if not softcap and scale == 1.0:
         return z
-    return torch.tanh(z.to(torch.promote_types(z.dtype, torch.float32)) / softcap) * softcap
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) * scale
+    return torch.tanh(z / softcap) * softcap if softcap else z
+
+
+def _head_input(head: Head, h: torch.Tensor) -> torch.Tensor:
+    """head(h) with h in the head's dtype (see `_as_head_dtype`)."""
+    return head(_as_head_dtype(head, h))
+
+
+def _as_head_dtype(head, h: torch.Tensor) -> torch.Tensor:
+    """h cast to the head's weight dtype. Fixed bug: under accelerate's bf16 mixed precision the
+    model's forward returns float32 hidden states while the head stays bfloat16, and the
+    head's matmul failed on the dtype mismatch at the first step."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and h.dtype != weight.dtype:
+        return h.to(weight.dtype)
+    return h
 
 
 def _checkpointed(h_s_NH, h_t_NH, student_head: Head, teacher_head: Head, spec: LossSpec,
@@ -195,9 +213,9 @@ def _checkpointed(h_s_NH, h_t_NH, student_head: Head, teacher_head: Head, spec: 
     """The generic path: (D (N,), w (N,)), each chunk under an activation checkpoint."""
 
     def terms(h_s_CH, h_t_CH):
-        logp_s_CV = losses.log_probs(_capped_logits(student_head, h_s_CH, spec.softcap))
+        logp_s_CV = losses.log_probs(_capped_logits(student_head, h_s_CH, spec))
         with torch.no_grad():
-            logp_t_CV = losses.log_probs(_capped_logits(teacher_head, h_t_CH, spec.softcap))
+            logp_t_CV = losses.log_probs(_capped_logits(teacher_head, h_t_CH, spec))
         div_C = losses.divergence_from_log_probs(logp_s_CV, logp_t_CV, spec)
         ones_C = torch.ones(len(h_s_CH), dtype=torch.bool, device=h_s_CH.device)
         return div_C, losses.raw_token_weights(logp_s_CV, logp_t_CV, ones_C, spec)
@@ -228,24 +246,25 @@ def chunked_msd_loss(
 
     student_head / teacher_head map hidden (..., H) to logits (..., V), e.g. the model's
     `lm_head`; the student head may hold trainable weights (they get gradient). The teacher
-    runs without gradient. `spec.softcap` is the model's final logit soft-capping (Gemma 2:
-    `config.final_logit_softcapping`), applied after the heads. chunk_size counts unmasked
+    runs without gradient. `spec.logit_scale` and `spec.softcap` are what the model does to
+    its head's logits (`msd.families.logit_transform`: Gemma 2's soft-cap, Granite's and
+    Cohere's scales), applied after the heads. chunk_size counts unmasked
     response tokens over the whole batch; chunk_size <= 0 computes the full logits and calls
     `losses.msd_loss_with_stats`. Value, gradients and stats equal the plain loss.
     """
     teacher_hidden_BTH = teacher_hidden_BTH.detach()
     if chunk_size <= 0 or student_hidden_BTH.shape[1] == 0:
         with torch.no_grad():
-            teacher_logits_BTV = _capped_logits(teacher_head, teacher_hidden_BTH, spec.softcap)
-        student_logits_BTV = _capped_logits(student_head, student_hidden_BTH, spec.softcap)
+            teacher_logits_BTV = _capped_logits(teacher_head, teacher_hidden_BTH, spec)
+        student_logits_BTV = _capped_logits(student_head, student_hidden_BTH, spec)
         return losses.msd_loss_with_stats(student_logits_BTV, teacher_logits_BTV, mask_BT, spec)
     losses.check_options(spec)  # fail before any head runs
 
     B, T, H = student_hidden_BTH.shape
     mask_BT = mask_BT.bool()
     idx_N = mask_BT.flatten().nonzero().squeeze(-1)
-    h_s_NH = student_hidden_BTH.reshape(B * T, H).index_select(0, idx_N)
-    h_t_NH = teacher_hidden_BTH.reshape(B * T, -1).index_select(0, idx_N)
+    h_s_NH = _as_head_dtype(student_head, student_hidden_BTH.reshape(B * T, H).index_select(0, idx_N))
+    h_t_NH = _as_head_dtype(teacher_head, teacher_hidden_BTH.reshape(B * T, -1).index_select(0, idx_N))
     s_parts, t_parts = _linear_parts(student_head), _linear_parts(teacher_head)
     closed_form = DIVERGENCES.get(spec.divergence).grad is not None
     if s_parts is not None and t_parts is not None and closed_form:

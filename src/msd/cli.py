@@ -7,11 +7,16 @@ code 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
 from msd.errors import MsdError
+
+# Failures of the machine, not of msd: a full disk, a read-only or forbidden folder.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
+                      errno.ENAMETOOLONG, errno.ELOOP}
 
 COMMANDS = [  # (module providing add_parser, fallback help when its extras are missing)
     ("msd.eval.cli", "eval"),
@@ -50,17 +55,27 @@ def run_train(args) -> int:
         print(config.describe())
         return 0
     cfg = config.load_config(args.config, args.overrides)
+    from msd.lock import output_lock
     from msd.train import train
 
-    result = train(cfg, progress=not args.quiet, resume=args.resume)
+    with output_lock(cfg.train.output_dir):
+        result = train(cfg, progress=not args.quiet, resume=args.resume)
     print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other msd error (the usage is in --help)."""
+
+    def error(self, message):
+        print(f"msd: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from msd import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="msd",
         description="Multilingual Self-Distillation: make a chat LLM as safe in low-resource "
                     "languages as it is in English, from translated queries alone.")
@@ -85,6 +100,15 @@ def _unavailable(e) -> int:
     raise MsdError(f"this command is unavailable: {e}")
 
 
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars from transformers / huggingface_hub either (weight loading)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are first imported
+    for name in ("transformers.utils.logging",):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MSD_DEBUG") == "1"
@@ -100,12 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except MsdError as e:
         if debug:
             raise
-        print(f"msd: error: {e}", file=sys.stderr)
+        print(f"msd: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        return 2
+    except OSError as e:
+        if debug or e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        hint = ("shorten the path" if e.errno in (errno.ENAMETOOLONG, errno.ELOOP) else
+                "free space or fix the permissions, then rerun (finished work is kept)")
+        name = str(e.filename or "output")
+        name = name if len(name) <= 200 else name[:200] + "..."
+        print(f"msd: error: {' '.join(name.split())}: {e.strerror}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msd: interrupted", file=sys.stderr)

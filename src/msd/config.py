@@ -18,22 +18,26 @@ from typing import Any, Callable
 
 import yaml
 
+from msd import bounds
 from msd.baselines.options import BaselineConfig, data_names, method_names
 from msd.errors import MsdError, closest
+from msd.limits import read_text, safe_yaml, short_repr
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, **bounds):
+    """A documented field; `bounds` are its declared limits (msd.bounds: ge, gt, le, lt, ...)."""
+    meta = {"help": help, **bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("organism", "Hugging Face hub id, local folder, or a registered model source ('organism' is the embedded model organism, built on first use).")
+    name_or_path: str = _f("organism", "Hugging Face hub id, local folder, or a registered model source ('organism' is the embedded model organism, built on first use).", nonempty=True)
     dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16.")
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code to run. Off unless you trust the repo.")
-    chat_template: str | None = _f(None, "Jinja chat template (a file path or the template text) to use instead of the tokenizer's.")
+    chat_template: str | None = _f(None, "Jinja chat template to use instead of the tokenizer's: a file path, or the text itself (it has a newline or a brace, or starts with 'text:').", path=True)
     attn_implementation: str | None = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = library default.")
     enable_thinking: bool = _f(False, "For thinking-mode templates (Qwen3): passed to the chat template. Off: MSD distils the final answer.")
 
@@ -41,38 +45,39 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = _f(True, "Train a LoRA adapter (teacher = base with the adapter disabled). False = full fine-tuning with a frozen teacher copy.")
-    r: int = _f(16, "LoRA rank.")
-    alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
-    dropout: float = _f(0.0, "LoRA dropout.")
+    r: int = _f(16, "LoRA rank.", ge=1)
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r).", gt=0)
+    dropout: float = _f(0.0, "LoRA dropout.", ge=0, lt=1)
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names to adapt, or ['all-linear'].")
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("organism", "Training queries: a JSONL/CSV file of parallel tuples, or a registered dataset.")
+    source: str = _f("organism", "Training queries: a JSONL/CSV file of parallel tuples, or a registered dataset.", nonempty=True)
     languages: list[str] = _f([], "Student languages (codes). Empty = every non-English language in the source.")
-    english: str = _f("en", "Code of the pivot language whose query the teacher is shown.")
+    english: str = _f("en", "Code of the pivot language whose query the teacher is shown.", nonempty=True)
     english_as_student: bool = _f(False, "Also train on English queries (teacher then sees the English query twice). [ours: off]")
-    heldout_fraction: float = _f(0.1, "Share of query ids held out from training (deterministic by id and seed).")
-    limit: int | None = _f(None, "Use at most this many training tuples (after the split).")
-    seed: int = _f(0, "Seed of the train/held-out split.")
+    heldout_fraction: float = _f(0.1, "Share of query ids held out from training (deterministic by id and seed).", ge=0, lt=1,
+                                 note="1 would hold out all queries, leaving none to train on")
+    limit: int | None = _f(None, "Use at most this many training tuples (after the split).", ge=1)
+    seed: int = _f(0, "Seed of the train/held-out split.", ge=0, lt=2**32)
 
 
 @dataclass
 class PromptConfig:
     teacher_context: str = _f("full", "Teacher context: full (target + English query + instruction), english_only, instruction_only.")
-    teacher_template: str | None = _f(None, "Custom teacher template (file path or text) with {query}, {english}, {language}; None = built-in for teacher_context.")
+    teacher_template: str | None = _f(None, "Custom teacher template with {query}, {english}, {language}: a file path, or the text itself (it has a brace or starts with 'text:'); None = built-in for teacher_context.", template=True)
     system_prompt: str | None = _f(None, "System message for both student and teacher prompts; None = none.")
 
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = _f(128, "Longest sampled response, in tokens.")
-    temperature: float = _f(1.0, "Sampling temperature (0 = greedy).")
-    top_p: float = _f(1.0, "Nucleus sampling mass.")
-    top_k: int = _f(0, "Sample only from the k most likely tokens (0 = off).")
-    num_samples: int = _f(1, "Responses sampled per query.")
-    batch_size: int = _f(32, "Prompts per generate call.")
+    max_new_tokens: int = _f(128, "Longest sampled response, in tokens.", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature (0 = greedy).", ge=0)
+    top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    top_k: int = _f(0, "Sample only from the k most likely tokens (0 = off).", ge=0)
+    num_samples: int = _f(1, "Responses sampled per query.", ge=1)
+    batch_size: int = _f(32, "Prompts per generate call.", ge=1)
     backend: str = _f("auto", "Generation backend: auto (compiled on CUDA, msd's decode loop on CPU), or a registered backend (hf, compiled = static cache + torch.compile on GPU, vllm if installed, loop).")
     merge_lora: bool = _f(True, "Fold the LoRA adapter into the base weights for sampling (no second copy), unfold afterwards.")
     cache_dir: str | None = _f(None, "Off-policy: where teacher samples are cached; None = <output_dir>/offpolicy_cache.")
@@ -81,33 +86,33 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     divergence: str = _f("rkl", "Token divergence D_t (Eq. 5); rkl = KL(student||teacher) is the paper's default, fkl = KL(teacher||student).")
-    beta: float = _f(0.5, "JSD mixture weight of the teacher.")
+    beta: float = _f(0.5, "JSD mixture weight of the teacher; strictly inside (0, 1) for jsd (use fkl or rkl for the ends).")
     weighting: str = _f("dpsw", "Token weights (Eq. 6-8); dpsw is the paper's, uniform is none.")
-    top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).")
-    chunk_size: int = _f(-1, "Response tokens per chunk of the chunked loss, counted over the whole batch; -1 = auto (32 on CPU, 512 on a GPU), 0 = plain loss on full logits (forced under FSDP/ZeRO-3).")
+    top_k: int = _f(32, "DPSW: teacher top-K used for the confidence term (paper: 32).", ge=1)
+    chunk_size: int = _f(-1, "Response tokens per chunk of the chunked loss, counted over the whole batch; -1 = auto (32 on CPU, 512 on a GPU), 0 = plain loss on full logits (forced under FSDP/ZeRO-3).", ge=-1)
 
 
 @dataclass
 class TrainConfig:
     mode: str = _f("on_policy", "on_policy (the student samples) or off_policy (the frozen teacher samples once, cached).")
-    output_dir: str = _f("runs/train", "Where checkpoints, logs, the resolved config and the final model go.")
-    lr: float = _f(1e-5, "Peak learning rate (AdamW).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly.")
+    output_dir: str = _f("runs/train", "Where checkpoints, logs, the resolved config and the final model go.", nonempty=True)
+    lr: float = _f(1e-5, "Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly.", ge=0, le=1)
     schedule: str = _f("cosine", "LR decay after warm-up: cosine, linear, constant.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    batch_size: int = _f(8, "Queries per micro-batch per process.")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    epochs: int = _f(1, "Passes over the training tuples x languages.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", ge=0)
+    batch_size: int = _f(8, "Queries per micro-batch per process.", ge=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    epochs: int = _f(1, "Passes over the training tuples x languages.", ge=1)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
     mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    seed: int = _f(0, "Seed for sampling, shuffling and initialisation.")
-    log_every: int = _f(1, "Log every N optimizer steps.")
-    save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only at the end).")
-    keep_checkpoints: int = _f(2, "Keep the last N checkpoints.")
-    max_nonfinite: int = _f(5, "Stop (with a checkpoint) after this many non-finite steps in a row.")
-    save_batch_every: int = _f(0, "Save one training batch (tokens, weights, divergences) every N steps for the token report (0 = only the first step).")
+    seed: int = _f(0, "Seed for sampling, shuffling and initialisation.", ge=0, lt=2**32)
+    log_every: int = _f(1, "Log every N optimizer steps.", ge=1)
+    save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only at the end).", ge=0)
+    keep_checkpoints: int = _f(2, "Keep the last N checkpoints.", ge=1)
+    max_nonfinite: int = _f(5, "Stop (with a checkpoint) after this many non-finite steps in a row.", ge=1)
+    save_batch_every: int = _f(0, "Save one training batch (tokens, weights, divergences) every N steps for the token report (0 = only the first step).", ge=0)
     tensorboard: bool = _f(False, "Also log to TensorBoard (<output_dir>/tb).")
     wandb: bool = _f(False, "Also log to Weights & Biases (project from WANDB_PROJECT).")
 
@@ -198,7 +203,6 @@ CHOICES = _Choices({
     "baseline.method": method_names,
     "baseline.loss_type": lambda: ["sigmoid", "robust", "ipo"],
 })
-MINIMUM = {"loss.chunk_size": -1, "loss.top_k": 1}
 
 # loss.chunk_size = -1: tokens per chunk by device. CPU: small chunks keep the loss's block in
 # cache-friendly sizes and its memory low (docs/PERFORMANCE.md); GPU: big chunks fill the GPU.
@@ -228,7 +232,7 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
         if optional:
             return None
         raise MsdError(f"field '{key}' cannot be null", where)
-    bad = MsdError(f"field '{key}' expects {_type_name(tp)}, got {value!r}", where)
+    bad = MsdError(f"field '{key}' expects {_type_name(tp)}, got {short_repr(value)}", where)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -261,7 +265,7 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, bool):  # YAML reads unquoted no/off/yes/on as booleans
-            raise MsdError(f"field '{key}' expects {_type_name(tp)}, got {value!r} (quote the value: "
+            raise MsdError(f"field '{key}' expects {_type_name(tp)}, got {short_repr(value)} (quote the value: "
                            f"YAML reads unquoted no, off, yes, on as booleans)", where)
         raise bad
     if typing.get_origin(base) is list:
@@ -310,9 +314,8 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "config") -> None:
     fld = _fields(section)[parts[1]]
     coerced = _coerce(value, fld.type, key, where)
     if key in CHOICES and coerced not in CHOICES[key]:
-        raise MsdError(f"field '{key}' must be one of {sorted(CHOICES[key])}, got {coerced!r}", where)
-    if key in MINIMUM and coerced < MINIMUM[key]:
-        raise MsdError(f"field '{key}' must be >= {MINIMUM[key]}, got {coerced!r}", where)
+        raise MsdError(f"field '{key}' must be one of {sorted(CHOICES[key])}, got {short_repr(coerced)}", where)
+    bounds.check(key, coerced, where, **{k: v for k, v in fld.metadata.items() if k in bounds.KEYS})
     setattr(section, parts[1], coerced)
 
 
@@ -335,11 +338,11 @@ def from_dict(data: dict, where: str = "config") -> Config:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise MsdError(f"override {text!r} must look like section.key=value")
+        raise MsdError(f"override {short_repr(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_yaml(raw, "override") if raw.strip() else ""
+    except MsdError:
         value = raw
     return key.strip(), value
 
@@ -351,12 +354,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise MsdError("config file not found", str(path))
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            loc = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise MsdError(f"invalid YAML ({getattr(e, 'problem', e)})", loc) from None
+        data = safe_yaml(read_text(path, "config file"), str(path)) or {}
         cfg = from_dict(data, str(path))
     for text in overrides:
         key, value = parse_override(text)
@@ -364,7 +362,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             # Fixed bug: text fields took YAML's reading of the value, so train.mixed_precision=no
             # became False and a template like 'Request: {query}' a mapping; now taken as typed.
             value = text.split("=", 1)[1]
-        set_key(cfg, key, value, where=f"override '{text}'")
+        set_key(cfg, key, value, where=f"override {short_repr(text)}")
+    from msd.losses import check_jsd_beta
+
+    check_jsd_beta(cfg.loss, str(path) if path is not None else "loss.beta")
     return cfg
 
 

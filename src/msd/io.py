@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from msd.errors import MsdError
+from msd.limits import MAX_DEPTH, depth
 
 
 CACHE_ENV = "MSD_CACHE"
@@ -25,7 +26,12 @@ def cache_root() -> Path:
     """Where msd caches what it builds or pays for (the organism, judge verdicts):
     $MSD_CACHE, else ~/.cache/msd."""
     root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "msd"
+    if root:
+        return Path(root).expanduser()
+    try:
+        return Path.home() / ".cache" / "msd"
+    except RuntimeError:  # no HOME and no passwd entry
+        raise MsdError(f"cannot find the home folder for msd's cache; set ${CACHE_ENV}") from None
 
 
 def _umask_mode() -> int:
@@ -100,6 +106,8 @@ def read_jsonl_numbered(path: str | os.PathLike, *, tolerate_torn_tail: bool = T
             continue
         try:
             obj = json.loads(line)
+        except RecursionError:  # Fixed bug: deeply nested JSON raised a traceback
+            raise MsdError("JSON nested too deeply", f"{path}:{i}") from None
         except json.JSONDecodeError as e:
             if tolerate_torn_tail and i == len(lines) and not line.endswith("\n"):
                 warnings.warn(f"{path}:{i}: dropped a partly written last line")
@@ -107,6 +115,8 @@ def read_jsonl_numbered(path: str | os.PathLike, *, tolerate_torn_tail: bool = T
             raise MsdError(f"malformed JSON ({e.msg})", f"{path}:{i}") from None
         if not isinstance(obj, dict):
             raise MsdError("expected a JSON object on each line", f"{path}:{i}")
+        if depth(obj) > MAX_DEPTH:
+            raise MsdError(f"JSON nested more than {MAX_DEPTH} levels deep", f"{path}:{i}")
         yield i, obj
 
 

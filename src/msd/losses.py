@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from msd.divergences import DIVERGENCES, Divergence  # noqa: F401  (the loss's registries live here)
+from msd.errors import MsdError
 from msd.registry import Registry
 
 # Added to the per-row weight total before normalising (paper Eq. 8 has none) [ours].
@@ -40,14 +41,16 @@ WEIGHT_EPS = 1e-8
 class LossSpec:
     """What the MSD loss computes: divergence and weighting names (registry keys) and the
     parameters their entries take by field name (top_k: DPSW's teacher top-K; beta: jsd's
-    teacher share; softcap: the model's final logit soft-cap, applied after the output head by
-    the chunked loss, None = none)."""
+    teacher share; logit_scale and softcap: what the model does to its output head's logits,
+    z = softcap tanh(logit_scale x / softcap), applied by the chunked loss; see
+    `msd.families.LogitTransform`; 1 and None = nothing)."""
 
     divergence: str = "rkl"
     weighting: str = "dpsw"
     top_k: int = 32
     beta: float = 0.5
     softcap: float | None = None
+    logit_scale: float = 1.0
 
     @classmethod
     def of(cls, section) -> "LossSpec":
@@ -90,6 +93,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
     """log_softmax over V in (at least) float32."""
     return torch.log_softmax(logits_BTV.to(_compute_dtype(logits_BTV)), dim=-1)
+
+
+def check_jsd_beta(loss, where: str = "loss.beta") -> None:
+    """MsdError unless jsd's beta lies strictly inside (0, 1) (`loss`: a LossConfig or LossSpec).
+    At 0 or 1 the mixture is one of the two distributions and jsd is identically 0, so it would
+    train nothing; TRL users read those ends as forward / reverse KL."""
+    if loss.divergence == "jsd" and not 0.0 < loss.beta < 1.0:
+        raise MsdError(f"loss.beta must lie strictly between 0 and 1 for jsd, got {loss.beta}; for "
+                       "the ends use loss.divergence=fkl (KL(teacher||student)) or rkl "
+                       "(KL(student||teacher))", where)
 
 
 def check_options(spec: LossSpec) -> None:

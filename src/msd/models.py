@@ -18,6 +18,7 @@ from msd.errors import MsdError
 from msd.generation.weights import is_peft
 from msd.prompts import load_chat_template
 from msd.registry import Registry
+from msd.safeload import check_adapter_folder, check_model_folder
 
 # Named model sources: name -> a function returning a local Hugging Face folder. The model
 # organism registers "organism" (built on first use); a plugin can add its own the same way.
@@ -43,9 +44,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise MsdError("model path is a file; expected a Hugging Face model folder", name_or_path)
-        if not (path / "config.json").exists():
-            raise MsdError("model folder has no config.json", name_or_path)
-        refuse_pickled_weights(path)
+        check_model_folder(path)  # safetensors checked per file, JSON files readable
         return str(path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
@@ -53,23 +52,21 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub id
 
 
-def refuse_pickled_weights(folder: Path) -> None:
-    """Weights are read from safetensors only: unpickling a .bin/.pt file can run code."""
-    pickled = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
-    if pickled and not any(folder.glob("*.safetensors")):
-        raise MsdError("folder holds only pickled weights (.bin/.pt); msd loads safetensors only, "
-                       "since unpickling can run code. Convert them once, where you trust the "
-                       "file, with save_pretrained(..., safe_serialization=True)", str(folder))
-
-
 def load_tokenizer(path: str, model_cfg):
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    except OSError as e:
-        raise MsdError(f"cannot load tokenizer ({str(e).splitlines()[0]})", path) from None
+    # tokenizers raises a bare Exception for a damaged tokenizer.json
+    except Exception as e:  # noqa: BLE001 - any failure of the loader is a problem of the files
+        raise MsdError(f"cannot load tokenizer ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})",
+                       path) from None
     load_chat_template(tok, model_cfg.chat_template)
+    try:  # a broken Jinja template fails here, named, not at the first prompt
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja2 raises many kinds
+        raise MsdError(f"the chat template fails on a one-message chat ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]})", "model.chat_template") from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -89,15 +86,18 @@ def load_model_and_tokenizer(model_cfg, adapter: str | None = None, device=None)
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise MsdError(f"cannot load model ({str(e).splitlines()[0]})", path) from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise MsdError(f"cannot load model ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})",
+                       path) from None
     if adapter:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise MsdError("adapter folder has no adapter_config.json", adapter)
-        refuse_pickled_weights(Path(adapter))
-        model = PeftModel.from_pretrained(model, adapter)
+        check_adapter_folder(Path(adapter))  # the file PEFT will open is safetensors
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise MsdError(f"cannot load adapter ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:200]})", adapter) from None
     if device is not None:
         model.to(device)
     model.eval()
@@ -113,6 +113,10 @@ def apply_lora(model, lora_cfg):
     if target != "all-linear" and not present.intersection(target):
         raise MsdError(f"none of lora.target_modules {target} exist in the model "
                        f"(e.g. {sorted(present)[:8]})", "lora.target_modules")
+    dims = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+            if hasattr(m, "in_features") and (target == "all-linear" or name.rsplit(".", 1)[-1] in target)]
+    if dims and lora_cfg.r > min(dims):  # a rank above a layer's width only wastes memory
+        raise MsdError(f"lora.r={lora_cfg.r} is larger than the smallest adapted layer ({min(dims)})", "lora.r")
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=target, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, peft_cfg)

@@ -11,10 +11,9 @@ response tokens line up one-to-one under both prompts by construction (tests che
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from msd import languages
+from msd import families, languages
 from msd.errors import MsdError
+from msd.textsetting import check_teacher_template, read_text_setting
 
 # The instruction C, in our own words. {language} is the target language's English name.
 INSTRUCTION = (
@@ -45,11 +44,7 @@ TEACHER_TEMPLATES = {
 def resolve_template(context: str = "full", template: str | None = None) -> str:
     """The teacher template: a custom one (file path or text) or the built-in for `context`."""
     if template:
-        path = Path(template)
-        text = path.read_text(encoding="utf-8") if len(template) < 4096 and path.is_file() else template
-        if "{query}" not in text:
-            raise MsdError("teacher template must contain {query}", "prompt.teacher_template")
-        return text
+        return check_teacher_template(read_text_setting(template, "prompt.teacher_template"))
     if context not in TEACHER_TEMPLATES:
         raise MsdError(f"unknown teacher context {context!r}; choose from {sorted(TEACHER_TEMPLATES)}")
     return TEACHER_TEMPLATES[context]
@@ -63,9 +58,7 @@ def teacher_message(query: str, english: str, lang: str, template: str) -> str:
 def load_chat_template(tokenizer, template: str | None = None) -> None:
     """Install a user-given chat template, or check the tokenizer has one."""
     if template:
-        path = Path(template)
-        tokenizer.chat_template = (path.read_text(encoding="utf-8")
-                                   if len(template) < 4096 and path.is_file() else template)
+        tokenizer.chat_template = read_text_setting(template, "model.chat_template")
     if not getattr(tokenizer, "chat_template", None):
         raise MsdError("the tokenizer has no chat template; pass model.chat_template "
                        "(a Jinja file or text)", "model.chat_template")
@@ -74,10 +67,9 @@ def load_chat_template(tokenizer, template: str | None = None) -> None:
 def chat_ids(tokenizer, user_message: str, system_prompt: str | None = None,
              enable_thinking: bool = False) -> list[int]:
     """Token ids of a chat prompt ending with the assistant turn's opening (generation prompt)."""
-    messages = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": user_message})
+    # Fixed bug: a template without a system role (Gemma) raised a jinja error here; the family
+    # rules (msd.families) merge the system prompt into the user turn instead.
+    messages = families.chat_messages(tokenizer, user_message, system_prompt)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -92,6 +84,7 @@ class PromptBuilder:
         self.template = resolve_template(context, template)
         self.system_prompt = system_prompt
         self.enable_thinking = enable_thinking
+        families.check_thinking(tokenizer, enable_thinking)
 
     def student(self, query: str) -> list[int]:
         return chat_ids(self.tokenizer, query, self.system_prompt, self.enable_thinking)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msd import families
 from msd.chunked import chunked_msd_loss
 from msd.losses import LossOutput, LossSpec, msd_loss_with_stats
 from msd.memory import trim_heap
@@ -74,12 +75,12 @@ def response_logits(model, batch: Batch, T: int) -> torch.Tensor:
     return out.logits[:, :T]
 
 
-def model_softcap(model) -> float | None:
-    """The model's final logit soft-cap (Gemma 2), which its forward applies after lm_head."""
-    config = getattr(model, "config", None)
-    if hasattr(config, "get_text_config"):  # multimodal configs (Gemma 3) nest it
-        config = config.get_text_config()
-    return getattr(config, "final_logit_softcapping", None)
+def model_logits_spec(model, spec: LossSpec) -> LossSpec:
+    """`spec` with the model's own logit scaling and soft-cap (`msd.families`), which its forward
+    applies after lm_head. Fixed bug: only Gemma's soft-cap was applied; Granite's and Cohere's
+    logit scales were ignored, so the chunked loss differed from the full-logits one."""
+    t = families.logit_transform(families.model_config(model))
+    return dataclasses.replace(spec, softcap=t.softcap, logit_scale=t.scale)
 
 
 def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, pad_id,
@@ -103,7 +104,7 @@ def msd_batch_loss(model, teacher, student_prompts, teacher_prompts, responses, 
         if device.type == "cpu":
             trim_heap()  # the teacher forward's freed activations, before the student's
         s_hidden_BTH = response_hidden(model, s_batch, T)
-        spec = dataclasses.replace(spec, softcap=model_softcap(model))
+        spec = model_logits_spec(model, spec)
         return chunked_msd_loss(s_hidden_BTH, t_hidden_BTH, output_head(model), t_head, mask_BT,
                                 spec, chunk_size=chunk_size)
     with teacher.scope() as t_model:

@@ -80,10 +80,7 @@ def _cpo():
     return CPOTrainer, CPOConfig
 
 
-def _dpo_options(b) -> dict:
-    if b.loss_type == "robust" and not 0.0 <= b.label_smoothing < 0.5:
-        raise MsdError(f"rDPO needs 0 <= label_smoothing < 0.5, got {b.label_smoothing}",
-                       "baseline.label_smoothing")
+def _dpo_options(b) -> dict:  # label_smoothing's bounds (rDPO: [0, 0.5)) are checked in the config
     return {"beta": b.beta, "loss_type": [b.loss_type],
             "label_smoothing": b.label_smoothing if b.loss_type == "robust" else 0.0}
 

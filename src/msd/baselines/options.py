@@ -11,22 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, **bounds):
+    """A documented field; `bounds` are its declared limits (msd.bounds: ge, gt, lt, nonempty)."""
+    return field(default=default, metadata={"help": help, **bounds})
 
 
 @dataclass
 class BaselineConfig:
     method: str = _f("sft", "Baseline method (TRL's own trainer): sft, dpo, kto, orpo, simpo. Set by `msd baseline METHOD`.")
     loss_type: str = _f("sigmoid", "DPO loss: sigmoid (DPO), robust (rDPO, label noise = label_smoothing), ipo. Other methods ignore it.")
-    beta: float = _f(0.1, "Strength of the preference term: DPO/KTO beta (KL to the reference), ORPO lambda, SimPO beta.")
-    label_smoothing: float = _f(0.1, "rDPO: assumed share of flipped preference labels, in [0, 0.5).")
-    simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma.")
-    desirable_weight: float = _f(1.0, "KTO: weight of desirable (chosen) examples.")
-    undesirable_weight: float = _f(1.0, "KTO: weight of undesirable (rejected) examples.")
-    data: str = _f("self_generated", "Training examples: a registered baseline data source (self_generated, organism, ...) or a JSONL/CSV file (prompt, chosen, rejected | prompt, completion, label; optional lang).")
+    beta: float = _f(0.1, "Strength of the preference term: DPO/KTO beta (KL to the reference), ORPO lambda, SimPO beta.", gt=0)
+    label_smoothing: float = _f(0.1, "rDPO: assumed share of flipped preference labels, in [0, 0.5).", ge=0, lt=0.5)
+    simpo_gamma: float = _f(0.5, "SimPO: target reward margin gamma.", ge=0)
+    desirable_weight: float = _f(1.0, "KTO: weight of desirable (chosen) examples.", gt=0)
+    undesirable_weight: float = _f(1.0, "KTO: weight of undesirable (rejected) examples.", gt=0)
+    data: str = _f("self_generated", "Training examples: a registered baseline data source (self_generated, organism, ...) or a JSONL/CSV file (prompt, chosen, rejected | prompt, completion, label; optional lang).", nonempty=True)
     cache_dir: str | None = _f(None, "self_generated: where the teacher and student samples are cached; None = <output_dir>/baseline_cache.")
-    max_length: int = _f(512, "Longest prompt + response, in tokens (TRL's max_length).")
+    max_length: int = _f(512, "Longest prompt + response, in tokens (TRL's max_length).", gt=0)
 
 
 def method_names() -> list[str]:

@@ -17,7 +17,14 @@ SUFFIXES = (".jsonl", ".json", ".csv")
 def _row_to_tuple(row: dict, where: str) -> QueryTuple:
     if "id" not in row or row["id"] in (None, ""):
         raise MsdError("missing field 'id'", where)
-    meta = dict(row.get("meta") or {})
+    if isinstance(row["id"], (dict, list, bool)):
+        raise MsdError("field 'id' must be a string or a number", where)
+    meta = row.get("meta") or {}
+    if not isinstance(meta, dict):  # Fixed bug: a meta of another type raised a traceback
+        raise MsdError(f"field 'meta' must be a JSON object, got {type(meta).__name__}", where)
+    if not isinstance(meta.get("harmful", True), bool):  # "false" (a string) would count as true
+        raise MsdError("field 'meta.harmful' must be true or false (not quoted)", where)
+    meta = dict(meta)
     if "texts" in row:
         texts = row["texts"]
         if not isinstance(texts, dict):

@@ -152,8 +152,13 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     if args.eval_limit is not None and args.eval_limit < 1:
         raise MsdError("--eval-limit must be at least 1")
-    summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
-                       eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,
-                       baselines=args.baselines)
+    if not args.out.strip():
+        raise MsdError("may not be empty (name the demo folder)", "--out")
+    from msd.lock import output_lock
+
+    with output_lock(args.out):  # one writer per folder
+        summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
+                           eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,
+                           baselines=args.baselines)
     failed = not all(c["pass"] for c in summary["checks"])
     return 1 if args.strict and failed else 0

@@ -62,6 +62,7 @@ def add_parser(subparsers) -> None:
     u.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the model's chat template")
     u.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     u.add_argument("--out", required=True, help="run folder to write (continued if it exists)")
+    u.add_argument("--fresh", action="store_true", help="discard the folder's old records first")
     u.set_defaults(func=run_utility)
 
 
@@ -86,6 +87,9 @@ def _common_args(p) -> None:
     p.add_argument("--langs", help="comma-separated language codes (default: all of the benchmark's)")
     p.add_argument("--limit", type=int, help="evaluate only the first N queries (per language)")
     p.add_argument("--out", required=True, help="run folder to write (continued if it exists)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the folder's old records first (needed when the model, adapter, "
+                        "template, benchmark or settings differ from theirs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256, help="longest response in tokens (default: 256)")
@@ -94,7 +98,13 @@ def _common_args(p) -> None:
     g.add_argument("--num-samples", type=int, default=1, help="responses per query (default: 1)")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default: 32)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--backend", default="auto",
+                   help="generation backend, as rollout.backend in training: auto (compiled on CUDA, "
+                        "msd's decode loop on CPU) or a registered one (loop, hf, compiled, vllm)")
     g.add_argument("--system-prompt", help="system message for every prompt (default: none)")
+    g.add_argument("--enable-thinking", action="store_true",
+                   help="thinking mode of templates that have one (Qwen3); the judged answer is the "
+                        "text after the reasoning block, kept apart in each record (default: off)")
     _judge_args(p.add_argument_group("judge"))
 
 
@@ -130,6 +140,24 @@ def _check_positive(args, *names: str) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise MsdError(f"must be at least 1, got {value}", "--" + name.replace("_", "-"))
+    if not 0 <= args.seed < 2**32:  # numpy's seeds are unsigned 32-bit
+        raise MsdError(f"must be in [0, 2**32), got {args.seed}", "--seed")
+
+
+def _check_bounds(args, options) -> None:
+    """Each option's declared bounds (JudgeOption.bounds), before any work starts."""
+    from msd import bounds
+
+    for opt in options:
+        bounds.check(opt.flag, getattr(args, opt.dest, None), opt.flag, **(opt.bounds or {}))
+
+
+def _backend(name: str) -> str:
+    from msd.generation import BACKENDS
+
+    if name != "auto" and name not in BACKENDS:
+        raise MsdError(BACKENDS.unknown(name), "--backend")
+    return name
 
 
 def build_judge(args):
@@ -141,6 +169,7 @@ def build_judge(args):
                if flag not in own and getattr(args, opt.dest, None) is not None]
     if foreign:
         raise MsdError(f"{', '.join(foreign)} do(es) not apply to --judge {name}", "--judge")
+    _check_bounds(args, own.values())
     required = [opt.flag for opt in own.values() if opt.required]
     if any(getattr(args, own[flag].dest, None) is None for flag in required):
         raise MsdError(f"--judge {name} needs {' and '.join(required)}", "--judge")
@@ -154,6 +183,12 @@ def load_model(args):
     cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       chat_template=args.chat_template)
     return load_model_and_tokenizer(cfg, adapter=args.adapter)
+
+
+def _identity(args) -> dict:
+    from msd.fingerprint import model_identity
+
+    return {"adapter": model_identity(args.adapter)}
 
 
 def _run_info(args) -> dict:
@@ -173,9 +208,27 @@ def _print_table(metrics: dict, kind: str) -> None:
 
 # ----------------------------------------------------------------------------- commands
 
+def _one_writer(run):
+    """Run a command holding the --out folder's writer lock (msd.lock); --fresh discards the
+    old records once the lock is held."""
+    def wrapped(args) -> int:
+        from msd.eval import records
+        from msd.lock import output_lock
+
+        if not args.out.strip():
+            raise MsdError("may not be empty (name the run folder to write)", "--out")
+        with output_lock(args.out):
+            if args.fresh:
+                records.discard(args.out)
+            return run(args)
+
+    return wrapped
+
+
+@_one_writer
 def run_safety(args) -> int:
     from msd import languages
-    from msd.data import benign, load_dataset
+    from msd.data import load_dataset
     from msd.prompts import PromptBuilder
 
     _check_positive(args, "limit", "num_samples", "batch_size", "max_new_tokens")
@@ -191,13 +244,16 @@ def run_safety(args) -> int:
 
         bench.tuples = benign_tuples(bench.tuples, bench.name)
     check_langs(bench.tuples, langs, bench.name)  # input errors show before the (slow) model load
+    backend = _backend(args.backend)
     judge = build_judge(args)
     model, tokenizer = load_model(args)
-    builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt)
+    builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt,
+                            enable_thinking=args.enable_thinking)
     kwargs = dict(benchmark=bench.name, prompt_builder=builder, teacher_prompts=args.teacher_prompts,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-                  limit=args.limit, progress=not args.quiet, run_info=_run_info(args))
+                  limit=args.limit, progress=not args.quiet, run_info=_run_info(args),
+                  backend=backend, identity=_identity(args))
     if args.kind == "overrefusal":
         from msd.eval.overrefusal import evaluate_overrefusal
 
@@ -207,15 +263,28 @@ def run_safety(args) -> int:
 
         metrics = evaluate(model, tokenizer, bench.tuples, langs, judge, args.out, **kwargs)
     _print_table(metrics, args.kind)
+    _print_throughput(args.out)
     print(f"msd: records and metrics in {args.out}")
     return 0
 
 
+def _print_throughput(out) -> None:
+    from msd.eval import records as rec
+
+    t = rec.load_run(out).get("throughput")
+    if t and (rec.load_run(out).get("last_call") or {}).get("generated"):
+        print(f"msd: generated {t['responses']} responses, {t.get('tokens', 0)} tokens in "
+              f"{t['generate_seconds']:.1f} s ({t.get('tokens_per_s', 0):.0f} tokens/s, backend {t.get('backend')})")
+
+
+@_one_writer
 def run_utility(args) -> int:
     from msd import languages
     from msd.eval import utility
 
     _check_positive(args, "limit", "batch_size", "max_gen_toks")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise MsdError(f"must be at least 0, got {args.num_fewshot}", "--num-fewshot")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise MsdError("no task given", "--tasks")
@@ -225,7 +294,7 @@ def run_utility(args) -> int:
     metrics = utility.run(model, tokenizer, tasks, args.out, langs=langs, limit=args.limit,
                           batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                           max_gen_toks=args.max_gen_toks, apply_chat_template=args.apply_chat_template,
-                          seed=args.seed, run_info=_run_info(args))
+                          seed=args.seed, run_info=_run_info(args), identity=_identity(args))
     for task, m in metrics.items():
         print(f"{task:<20} {m['score']:.3f}  (n={m['n']})")
     print(f"msd: records and metrics in {args.out}")

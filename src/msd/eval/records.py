@@ -16,18 +16,57 @@ not: the saved responses are judged again without generating anything.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
+from msd import fingerprint
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
+from msd.eval.judges.base import LABELS
 from msd.eval.metrics import latest
 from msd.io import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
+from msd.limits import loads_json, short_repr
 
 RECORDS = "records.jsonl"
 METRICS = "metrics.json"
 RUN = "run.json"
 
 REQUIRED = ("benchmark", "lang", "query_id", "sample")
+# The type of each field a record may hold (None allowed where listed): a record of another
+# shape is named with its file and line, not met later as a traceback in metrics or a report.
+_N = type(None)
+FIELD_TYPES = {"benchmark": str, "lang": str, "query_id": (str, int), "sample": int,
+               "prompt": str, "response": str, "label": (str, _N), "harmful": bool,
+               "refused": (bool, _N), "helpful": (bool, _N), "response_lang": (str, _N),
+               "judge": (str, _N), "judge_error": (str, _N), "score": (int, float, _N),
+               "response_tokens": int, "truncated": bool}
+
+
+_CODE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_NAME = re.compile(r"^[^\n\r\t]{1,200}$")
+
+
+def check_record(r: dict, where: str) -> None:
+    missing = [k for k in REQUIRED if k not in r]
+    if missing:
+        raise MsdError(f"record lacks field(s) {', '.join(missing)}", where)
+    for key, types in FIELD_TYPES.items():
+        value = r.get(key)
+        ok = key not in r or (isinstance(value, types) and not (
+            isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))))
+        if not ok:
+            raise MsdError(f"record field '{key}' has the wrong type ({type(value).__name__}); "
+                           "this is not a records.jsonl written by msd", where)
+    if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
+        raise MsdError("record has a negative sample or an unknown label", where)
+    # Names end up in tables, titles and file names: a language code, a benchmark name, an id.
+    if not _CODE.match(r["lang"]) or not _NAME.match(r["benchmark"]) or len(str(r["query_id"])) > 200:
+        raise MsdError("record has a malformed lang, benchmark or query_id (a language code, a "
+                       "name of at most 200 characters)", where)
 
 
 def load_records(run_dir: str | Path) -> list[dict]:
@@ -38,16 +77,18 @@ def load_records(run_dir: str | Path) -> list[dict]:
     repair_jsonl(path)
     rows = list(read_jsonl(path))
     for i, r in enumerate(rows, start=1):
-        missing = [k for k in REQUIRED if k not in r]
-        if missing:
-            raise MsdError(f"record lacks field(s) {', '.join(missing)}", f"{path}:{i}")
+        check_record(r, f"{path}:{i}")
     return latest(rows)
 
 
 def compact(run_dir: str | Path, records: list[dict]) -> None:
     """Rewrite records.jsonl with one line per key (atomic)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(Path(run_dir) / RECORDS, text)
+    try:
+        atomic_write_text(Path(run_dir) / RECORDS, text)
+    except OSError as e:  # a full disk: the old file is intact and valid (later lines win)
+        warnings.warn(f"{Path(run_dir) / RECORDS}: not compacted ({e.strerror or e}); "
+                      "the file stays valid as it is")
 
 
 def write_metrics(run_dir: str | Path, records: list[dict] | None = None) -> dict:
@@ -64,22 +105,77 @@ def load_run(run_dir: str | Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MsdError(f"malformed JSON ({e.msg})", str(path)) from None
+        info = loads_json(path.read_bytes().decode("utf-8-sig"), str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise MsdError(f"cannot read run.json ({type(e).__name__})", str(path)) from None
+    if not isinstance(info, dict):
+        raise MsdError("run.json must hold a JSON object; remove it or use another --out", str(path))
+    return info
+
+
+def identity(model, tokenizer, tuples=None, given: dict | None = None) -> dict:
+    """What made the records besides the generation settings: the model and adapter (path and
+    file hashes), the chat template, and the benchmark's content (not only its name)."""
+    params = getattr(model, "parameters", None)
+    dtype = next(iter(params()), None) if callable(params) else None
+    out = {"model": fingerprint.loaded_model_identity(model), "adapter": None,
+           "dtype": str(getattr(dtype, "dtype", None)),  # what --dtype auto became on this machine
+           "chat_template_sha": fingerprint.text_sha(getattr(tokenizer, "chat_template", None))}
+    if tuples is not None:
+        out["benchmark_sha"] = fingerprint.content_sha(tuples)
+    out.update(given or {})
+    return out
+
+
+IDENTITY_KEYS = ("model", "adapter", "dtype", "chat_template_sha", "benchmark_sha")
+NAMES = {"chat_template_sha": "chat template", "benchmark_sha": "benchmark content",
+         "teacher_template_sha": "teacher template", "model": "model", "adapter": "adapter"}
+
+
+def _change(key: str, old, new) -> str:
+    """'model: 'a' -> 'b'', 'adapter x (its files changed)', 'benchmark content'."""
+    name = NAMES.get(key, key)
+    if key.endswith("_sha"):
+        return name
+    if isinstance(old, dict) or isinstance(new, dict):
+        old, new = (v.get("path") if isinstance(v, dict) else v for v in (old, new))
+        if old == new:
+            return f"{name} {new} (its files changed)"
+    return f"{name}: {short_repr(old)} -> {short_repr(new)}"
 
 
 def check_settings(run_dir: str | Path, settings: dict) -> dict:
-    """Compare `settings` with those saved in run.json; an existing run with different
-    generation settings is an error. Returns the saved run info ({} for a new folder)."""
+    """Compare `settings` with those saved in run.json; an existing run made otherwise (other
+    generation settings, model, adapter, chat template or benchmark content) is an error naming
+    what changed. Returns the saved run info ({} for a new folder).
+    Fixed bug: model, adapter, template and benchmark content were not compared, so another
+    model's evaluation silently reused the old responses and relabelled them."""
     saved = load_run(run_dir)
     old = saved.get("settings")
-    if old and (Path(run_dir) / RECORDS).exists():
-        for key, value in settings.items():
-            if key in old and old[key] != value:
-                raise MsdError(f"this folder holds a run with {key}={old[key]!r}, not {value!r}; "
-                               "use another --out (or delete the folder)", str(run_dir))
+    if not (Path(run_dir) / RECORDS).exists():
+        return saved
+    if not isinstance(old, dict):
+        old = {}
+    changed = [_change(k, old.get(k), v) for k, v in settings.items()
+               if (k in old or k in IDENTITY_KEYS) and old.get(k) != v]
+    if changed:
+        raise MsdError(f"this folder holds records made with a different {'; '.join(changed)}; "
+                       "rerun with --fresh to discard them, or use another --out", str(run_dir))
     return saved
+
+
+def discard(run_dir: str | Path) -> None:
+    """Remove a run folder's records, metrics and run.json (for --fresh). Each file is moved
+    aside by a rename, records first, so an interruption never leaves old records beside a new
+    run.json."""
+    run_dir = Path(run_dir)
+    for stale in run_dir.glob(".discarded.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    trash = Path(tempfile.mkdtemp(dir=run_dir, prefix=".discarded."))
+    for name in (RECORDS, METRICS, RUN):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_run(run_dir: str | Path, info: dict) -> None:

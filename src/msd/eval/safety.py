@@ -20,7 +20,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from msd import languages
+from msd import families, languages, limits
 from msd.data import QueryTuple
 from msd.errors import MsdError
 from msd.eval import langid
@@ -100,6 +100,7 @@ def _settings(benchmark, teacher_prompts, builder, max_new_tokens, temperature, 
             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
             "num_samples": num_samples, "seed": seed,
             "system_prompt": getattr(builder, "system_prompt", None),
+            "enable_thinking": bool(getattr(builder, "enable_thinking", False)),
             "teacher_template_sha": hashlib.sha256(template.encode()).hexdigest()[:12] if template else None}
 
 
@@ -116,15 +117,19 @@ def _pending(tuples, langs, num_samples, benchmark, done: dict) -> list[tuple[Qu
 
 
 def _new_records(work, outs, benchmark: str, tokenizer, max_new_tokens: int, eos: set[int],
-                 english: str) -> tuple[list[dict], list[dict]]:
-    """Records (not yet judged) for the missing samples of each (tuple, lang), and judge metas."""
+                 english: str, config=None) -> tuple[list[dict], list[dict]]:
+    """Records (not yet judged) for the missing samples of each (tuple, lang), and judge metas.
+    `response` is the answer the judge sees: no special or added token (Fixed bug: Qwen's
+    <think>, <tool_call>, FIM tokens are added with special=False and were kept), and after a
+    reasoning block only the text that follows it; the block itself goes to `thinking`."""
     records, metas = [], []
     for (t, lang, missing), samples in zip(work, outs):
         for s in missing:
             ids = list(samples[s])
+            answer, thinking = families.decode_answer(tokenizer, ids, config)
             records.append({
                 "benchmark": benchmark, "lang": lang, "query_id": t.id, "sample": s,
-                "prompt": t.texts[lang], "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "prompt": t.texts[lang], "response": answer, "thinking": thinking,
                 "response_tokens": len(ids),
                 "truncated": len(ids) >= max_new_tokens and (not ids or ids[-1] not in eos),
                 "harmful": bool(t.meta.get("harmful", True))})
@@ -152,13 +157,16 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              num_samples: int = 1, batch_size: int = 32, seed: int = 0, limit: int | None = None,
              progress: bool = True, english: str = "en", run_info: dict | None = None,
-             generate_fn=None) -> dict:
+             generate_fn=None, backend: str = "auto", identity: dict | None = None) -> dict:
     """Generate, judge and record every missing (lang, query, sample); return metrics.json.
-    `generate_fn` replaces the default generate function (`default_generate()`)."""
+    `generate_fn` replaces the default generate function (`default_generate()`); `backend` is a
+    generation backend (`msd.generation.BACKENDS`, or auto); `identity` adds to what run.json
+    records of the model (the adapter: msd.eval.records.identity)."""
     from tqdm.auto import tqdm
 
     generate = generate_fn or default_generate()
     out_dir = ensure_writable_dir(out_dir)
+    identity = rec.identity(model, tokenizer, tuples, identity)  # before --limit: extending is fine
     tuples = list(tuples)[:limit] if limit else list(tuples)
     check_langs(tuples, langs, benchmark)
     if prompt_builder is None:
@@ -167,6 +175,9 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
         prompt_builder = PromptBuilder(tokenizer)
     settings = _settings(benchmark, teacher_prompts, prompt_builder, max_new_tokens, temperature,
                          top_p, num_samples, seed)
+    if temperature > 0:  # greedy tokens are the same on every backend; samples are not
+        settings["backend"] = backend
+    settings.update(identity)
     info = rec.check_settings(out_dir, settings)
     info.update(kind="safety", benchmark=benchmark, settings=settings, judge=judge.describe(),
                 languages=list(langs))
@@ -177,9 +188,12 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     # Longest prompts first: similar lengths share a batch, and memory trouble shows up at once.
     prompts = [prompt_builder.teacher(t.texts[lang], t.texts[english], lang) if teacher_prompts
                else prompt_builder.student(t.texts[lang]) for t, lang, _ in work]
+    limits.check_context([(f"query {t.id} ({lang})", len(p)) for (t, lang, _), p in zip(work, prompts)],
+                         limits.context_window(model, tokenizer), max_new_tokens, benchmark)
     order = sorted(range(len(work)), key=lambda i: -len(prompts[i]))
     n_new = sum(len(work[i][2]) for i in order)
-    gen_seconds, t_start, eos = 0.0, time.time(), generation().eos_ids(model, tokenizer)
+    gen_seconds, gen_tokens, t_start = 0.0, 0, time.time()
+    eos = generation().eos_ids(model, tokenizer)
     try:
         with JsonlWriter(Path(out_dir) / rec.RECORDS) as writer:
             n_rejudged = _rejudge(judge, tuples, langs, done, writer, english, batch_size)
@@ -189,15 +203,17 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                 t0 = time.time()
                 outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
-                                 batch_size=batch_size, seed=seed + start, progress=False)
+                                 batch_size=batch_size, seed=seed + start, progress=False, backend=backend)
                 gen_seconds += time.time() - t0
+                gen_tokens += sum(len(r) for per in outs for r in per)
                 batch, metas = _new_records([work[i] for i in idx], outs, benchmark, tokenizer,
-                                            max_new_tokens, eos, english)
+                                            max_new_tokens, eos, english, families.model_config(model))
                 try:
                     judge_records(judge, batch, metas)
                 finally:  # keep every generated response, judged or not
                     writer.write_many(batch)
                     bar.update(len(batch))
+                    bar.set_postfix(tok_s=f"{gen_tokens / max(gen_seconds, 1e-9):.0f}")
             bar.close()
     finally:
         records = rec.load_records(out_dir)
@@ -206,6 +222,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     if n_new:
         info["throughput"] = {"responses": n_new, "generate_seconds": round(gen_seconds, 3),
                               "responses_per_s": round(n_new / max(gen_seconds, 1e-9), 3),
+                              "tokens": gen_tokens, "tokens_per_s": round(gen_tokens / max(gen_seconds, 1e-9), 3),
+                              "backend": backend,
                               "wall_seconds": round(time.time() - t_start, 3), "batch_size": batch_size}
     info["last_call"] = {"generated": n_new, "rejudged": n_rejudged}
     rec.write_run(out_dir, info)

@@ -158,14 +158,15 @@ def _records_of(task: str, samples: list[dict], config: dict) -> list[dict]:
 def run(model, tokenizer, tasks: list[str], out_dir: str | Path, *, langs: list[str] | None = None,
         limit: int | None = None, batch_size: int = 8, num_fewshot: int | None = None,
         max_gen_toks: int | None = None, apply_chat_template: bool = False, seed: int = 0,
-        run_info: dict | None = None) -> dict:
+        run_info: dict | None = None, identity: dict | None = None) -> dict:
     """Run lm-eval tasks on the in-memory model; write records, metrics.json and run.json.
     Tasks already in the folder's records are skipped (resume at task granularity)."""
     out_dir = ensure_writable_dir(out_dir)
     tasks = expand_tasks(tasks, langs)
     manager = task_manager(tasks)
     settings = {"limit": limit, "num_fewshot": num_fewshot, "max_gen_toks": max_gen_toks,
-                "apply_chat_template": apply_chat_template, "seed": seed}
+                "apply_chat_template": apply_chat_template, "seed": seed,
+                **rec.identity(model, tokenizer, None, identity)}
     info = rec.check_settings(out_dir, settings)
     info.update(kind="utility", tasks=tasks, settings=settings, **(run_info or {}))
     rec.write_run(out_dir, info)

@@ -4,8 +4,9 @@
 - `loop`: msd's own decode loop (`msd.generation.sampler`); models it cannot run go through `hf`.
 - `hf`: plain `model.generate` with a dynamic KV cache (the reference path).
 - `compiled`: `model.generate` with a static KV cache; on CUDA transformers compiles the decode
-  step. Shapes are kept fixed so it compiles once per run, not per step: every batch is padded
-  to `batch_size * num_samples` rows and the cache length is pinned to a bucketed ceiling
+  step. Shapes are kept to a few so it compiles a few times per run, not per step: a batch of n
+  prompts is padded to `row_bucket(n, batch_size)` rows (the next power of two: a training step
+  of 8 prompts runs 8 rows, not `rollout.batch_size`) and the cache length is pinned to a bucketed ceiling
   (prompt length rounded up to `PROMPT_BUCKET`, plus `max_new_tokens`), which transformers only
   ever raises.
 - `vllm`: a vLLM engine in this process, with the merged student weights pushed into it before
@@ -29,6 +30,7 @@ tokens, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -40,6 +42,13 @@ from msd.padding import left_pad
 from msd.registry import Registry
 
 PROMPT_BUCKET = 64  # `compiled`: prompt widths are rounded up to a multiple of this
+
+
+def row_bucket(n: int, cap: int) -> int:
+    """Rows a compiled batch of n prompts is padded to: the next power of two, at most `cap`.
+    Fixed bug: every call was padded to `cap` (rollout.batch_size, 32), so a training step of 8
+    prompts spent three quarters of its rows on padding."""
+    return min(max(cap, n), 1 << max(0, (n - 1).bit_length()))
 
 BACKENDS = Registry("generation backend", where="rollout.backend")
 
@@ -82,7 +91,7 @@ def in_batches(model, prompts, s: Sampling, decode, *, fixed_rows: bool = False)
     """Run `decode(model, ids_BP, mask_BP, s, seed)` -> ((B*num_samples, G) ids, log-probs or
     None) over length-sorted batches; results come back in the caller's order. Seeding is per
     batch (s.seed + batch index), so results do not depend on what ran before or on how the
-    caller's prompts were ordered. fixed_rows pads every batch to s.batch_size rows."""
+    caller's prompts were ordered. fixed_rows pads every batch to `row_bucket` rows."""
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     tokens: list = [None] * len(prompts)
@@ -96,7 +105,7 @@ def in_batches(model, prompts, s: Sampling, decode, *, fixed_rows: bool = False)
             for b, idx in enumerate(batches):
                 rows = [prompts[i] for i in idx]
                 if fixed_rows:  # one compiled shape
-                    rows += [rows[0]] * (s.batch_size - len(rows))
+                    rows += [rows[0]] * (row_bucket(len(rows), s.batch_size) - len(rows))
                 ids_BP, mask_BP = left_pad(rows, s.pad_id, device)
                 new_BG, logp_BG = decode(model, ids_BP, mask_BP, s, s.seed + b)
                 for k, i in enumerate(idx):
@@ -115,18 +124,37 @@ def in_batches(model, prompts, s: Sampling, decode, *, fixed_rows: bool = False)
 
 # ----------------------------------------------------------------------------- transformers
 
+@contextlib.contextmanager
+def clean_generation_config(model, s: Sampling):
+    """Generate under a generation config holding only the token ids: transformers fills every
+    setting the call leaves unset from `model.generation_config`, so a published one's
+    repetition_penalty (Qwen2.5: 1.05), top_k, min_p ... would change what is sampled.
+    Fixed bug: on-policy samples were then not drawn from the student's distribution, and
+    greedy evaluation depended on the backend."""
+    from transformers import GenerationConfig
+
+    lm = model.get_base_model() if is_peft(model) else model
+    saved = lm.generation_config
+    lm.generation_config = GenerationConfig(pad_token_id=s.pad_id, eos_token_id=sorted(s.eos) or None,
+                                            bos_token_id=getattr(saved, "bos_token_id", None))
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 def hf_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, static: bool = False):
-    """One batch through `model.generate`; static=True pins a static KV cache (see `compiled`)."""
+    """One batch through `model.generate` with msd's own sampling settings only (nothing from
+    the model's generation_config); static=True pins a static KV cache (see `compiled`)."""
     torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=s.max_new_tokens, num_return_sequences=s.num_samples,
                   pad_token_id=s.pad_id, eos_token_id=sorted(s.eos) or None)
     if s.sharded:
         kwargs["synced_gpus"] = True
     if s.temperature > 0:
-        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p,
-                      top_k=s.top_k if s.top_k > 0 else None)
+        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0))
     else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(do_sample=False)
     if static:
         # A fixed cache length: transformers keeps the largest seen, so the compiled decode
         # step sees one shape per run (batch rows are padded by the caller).
@@ -134,7 +162,8 @@ def hf_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, static: bool = F
         kwargs.update(cache_implementation="static", max_cache_len=ceiling)
     if s.return_logprobs:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, **kwargs)
+    with clean_generation_config(model, s):
+        out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, **kwargs)
     seqs = out.sequences if s.return_logprobs else out
     new_BG = seqs[:, ids_BP.shape[1]:]
     logp = None

@@ -17,6 +17,7 @@ import inspect
 
 import torch
 
+from msd import families
 from msd.generation.weights import is_peft, is_sharded
 
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -25,8 +26,10 @@ SAMPLE_BLOCK = 1024  # inverse-CDF sampling: vocabulary block size of the two-le
 
 
 def eos_ids(model, tokenizer) -> set[int]:
-    """The ids that end a response: the generation config's EOS ids and the tokenizer's."""
-    ids = set()
+    """The ids that end a response: the generation config's EOS ids, the tokenizer's, and the
+    chat template's end-of-turn token. Fixed bug: Llama-3 files from before May 2024 list only
+    <|end_of_text|>, so rollouts ran past <|eot_id|>."""
+    ids = families.end_of_turn_ids(tokenizer, families.model_config(model))
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for e in (gen_eos, tokenizer.eos_token_id):
         if isinstance(e, int):

@@ -1,9 +1,9 @@
 """The student's weights for sampling: LoRA folded in where that is exact and fits.
 
-`rollout_weights` folds LoRA into the weights for sampling: in place for float32 weights
-(round-trip error ~1 ulp, `merged_lora`); for half-precision weights into a persistent
-generation copy of the adapted matrices when memory allows (the base weights, i.e. the teacher,
-are never modified, so no drift); otherwise the unmerged adapter samples. `full_weights` makes a
+`rollout_weights` folds LoRA into the weights for sampling: into a persistent generation copy
+of the adapted matrices when memory allows (the base weights, i.e. the teacher, are never
+modified, so the teacher stays bit-for-bit theta_0 in every dtype); otherwise the unmerged
+adapter samples. (`merged_lora`, in place, is kept for callers that want it.) `full_weights` makes a
 sharded model's weights usable for generation; `merged_state` yields the merged weights by name
 (for engines that load weights, such as vLLM).
 
@@ -19,7 +19,10 @@ import weakref
 
 import torch
 
+from msd.generation.gather import fsdp2_fits, fsdp2_gathered, fsdp2_modules, zero3_gathered
+
 COPY_MEMORY_SHARE = 0.5  # half-precision LoRA: the merged copy may use this share of free memory
+GATHER_MEMORY_SHARE = 0.8  # FSDP2: the gathered weights for a rollout may use this share of free memory
 
 
 @dataclasses.dataclass
@@ -49,36 +52,47 @@ def is_peft(model) -> bool:
 def is_sharded(model) -> bool:
     """True for FSDP / DeepSpeed ZeRO-3 / DTensor-sharded parameters (their .data is not the weight)."""
     for p in model.parameters():
-        if hasattr(p, "ds_id") or getattr(p, "_is_flat_param", False) or type(p.data).__name__ == "DTensor":
+        if getattr(p, "_is_flat_param", False) or type(p.data).__name__ == "DTensor":
             return True
+        if hasattr(p, "ds_id") and getattr(getattr(p, "ds_status", None), "name", "") != "AVAILABLE":
+            return True  # ZeRO-3, unless gathered (`full_weights`)
     return False
 
 
 @contextlib.contextmanager
 def full_weights(wrapped):
-    """Make the weights of a sharded training model usable for `generate` on every process.
+    """Make the weights of a sharded training model usable for `generate` on every process;
+    yields whether they are now local (sampling needs no collective calls, any backend) or not
+    (FSDP v1: plain `generate` with `synced_gpus`).
 
+    FSDP2 and DeepSpeed ZeRO-3: every weight is gathered once and the engine's hooks stand still
+    until exit (`msd.generation.gather`); FSDP2 falls back to gathering layer by layer inside
+    each forward when the full weights would not fit in GATHER_MEMORY_SHARE of free memory.
     FSDP (v1): the root unit's parameters (embeddings, final norm, head) are gathered; the inner
-    units gather their own in their forward. DeepSpeed ZeRO-3: every parameter is gathered (one
-    full copy per process, as TRL's `ds3_gather_for_generation`). No-op for DDP / one process.
-    Untested here (CPU, gloo): see docs/PERFORMANCE.md.
+    units gather their own in their forward. No-op for DDP / one process.
     """
+    if fsdp2_modules(wrapped):
+        device = next(wrapped.parameters()).device
+        if not fsdp2_fits(wrapped, _free_bytes(device), GATHER_MEMORY_SHARE):
+            yield False  # too big to gather: each layer gathers itself in forward (slow, fits)
+            return
+        with fsdp2_gathered(wrapped):
+            yield True
+        return
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     except ImportError:  # pragma: no cover
         FSDP = None
     if FSDP is not None and isinstance(wrapped, FSDP):
         with FSDP.summon_full_params(wrapped, recurse=False, writeback=False):
-            yield
+            yield False
         return
     params = [p for p in wrapped.parameters() if hasattr(p, "ds_id")]
     if params:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
+        with zero3_gathered(wrapped, params):
+            yield True
         return
-    yield
+    yield True
 
 
 @contextlib.contextmanager
@@ -165,7 +179,7 @@ def rollout_weights(model, merge: bool = True):
     """The student's weights for sampling, LoRA folded in where that is exact enough and fits.
 
     Yields how: "plain" (no adapter), "adapter" (sampled through the unmerged adapter),
-    "merged" (in place, float32), "merged_copy" (persistent half-precision copy).
+    "merged_copy" (a persistent merged copy of the adapted matrices).
     """
     if not is_peft(model) or rollout_state(model).merged:
         yield "plain"
@@ -173,11 +187,10 @@ def rollout_weights(model, merge: bool = True):
     if not merge or is_sharded(model):
         yield "adapter"
         return
+    # Fixed bug: float32 weights were merged in place and unmerged after sampling; the rounding
+    # of each round trip drifted the base weights, i.e. the teacher theta_0. Every dtype now
+    # samples through the merged copy (the base never written), or the unmerged adapter.
     base = next(p for n, p in model.named_parameters() if "lora_" not in n)
-    if base.dtype == torch.float32:
-        with merged_lora(model, True):
-            yield "merged"
-        return
     layers = lora_layers(model)
     need = sum(m.get_base_layer().weight.numel() for _, m in layers) * base.element_size()
     have = sum(b.numel() * b.element_size() for b in rollout_state(model).copies.values())

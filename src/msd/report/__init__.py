@@ -85,8 +85,13 @@ def add_parser(subparsers) -> None:
 def run_report(args) -> int:
     if args.samples < 0:
         raise MsdError(f"must be at least 0, got {args.samples}", "--samples")
+    if not args.out.strip():
+        raise MsdError("may not be empty (name the report folder)", "--out")
+    from msd.lock import output_lock
+
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    files = build(args.dirs, args.out, labels=labels, samples=args.samples)
+    with output_lock(args.out):  # one writer per folder, as for eval and train
+        files = build(args.dirs, args.out, labels=labels, samples=args.samples)
     for name, path in files.items():
         print(f"{name:>16}: {path}")
     return 0

@@ -71,18 +71,24 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
                     keep: int = 2) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_root.glob(".step_*"):  # an interrupted save's space, freed first
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step}."))
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    atomic_write_json(tmp / "state.json", {**state, "step": step})
-    for f in tmp.iterdir():  # on disk before the rename publishes the folder (a node crash too)
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    try:  # Fixed bug: a failed save (a full disk) left its temporary folder, so a rerun failed too
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        atomic_write_json(tmp / "state.json", {**state, "step": step})
+        for f in tmp.iterdir():  # on disk before the rename publishes the folder (a node crash too)
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = ckpt_root / f"step_{step}"
     atomic_replace_dir(tmp, final)
     prune(ckpt_root, keep)
@@ -117,10 +123,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def read_state(path: Path) -> dict:
     """A checkpoint's state.json (step, data position, config and its fingerprint)."""
     try:
-        return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MsdError(f"cannot read checkpoint state ({type(e).__name__}: {e}); remove this "
+        state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise MsdError(f"cannot read checkpoint state ({type(e).__name__}: {str(e)[:100]}); remove this "
                        "folder to resume from the one before", str(path)) from None
+    # Fixed bug: a state.json of [] or {} or with a text step crashed, and {} skipped the check.
+    bad = ("not a JSON object" if not isinstance(state, dict) else
+           "no whole-number step" if type(state.get("step")) is not int or state["step"] < 0 else None)
+    if bad:
+        raise _damaged(bad, path)
+    return state
+
+
+def _damaged(problem: str, path: Path) -> MsdError:
+    return MsdError(f"damaged checkpoint state.json ({problem}); remove this folder to resume from "
+                    "the one before, or start over with --no-resume", str(path))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -130,13 +147,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-        return json.loads((path / "state.json").read_text())
+        return read_state(path)
     # Fixed bug: a damaged file (SafetensorError, UnpicklingError, EOFError) raised a traceback.
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:
-        first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
-                       "the one before, or start over with --no-resume", str(path)) from None
+    except DAMAGED as e:
+        raise unreadable(e, path) from None
+
+
+# What reading a damaged or foreign checkpoint file raises (any of its content may be garbage).
+DAMAGED = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+           SafetensorError, IndexError, TypeError, AttributeError)
+
+
+def unreadable(e: BaseException, path: Path) -> MsdError:
+    """The one-line error for a checkpoint whose files cannot be read back."""
+    first = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    if isinstance(e, pickle.UnpicklingError):  # torch's message advises weights_only=False
+        first = "it holds objects other than plain tensors; refused to unpickle them"
+    return MsdError(f"cannot read checkpoint ({first}); remove this folder to resume from "
+                    "the one before, or start over with --no-resume", str(path))
 
 
 # ----------------------------------------------------------------------------- resume check
@@ -159,17 +187,22 @@ def resume_keys(cfg_dict: dict) -> dict:
 
 def changes(old: dict | None, new: dict) -> str:
     """' (train.lr: 0.001 -> 0.002)': the resume-relevant keys that differ from `old`."""
-    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items()
-            for k, v in sec.items() if old and old.get(s, {}).get(k) != v]
+    old = old if isinstance(old, dict) else {}
+    sec = lambda d, s: d.get(s) if isinstance(d.get(s), dict) else {}  # noqa: E731
+    diff = [f"{s}.{k}: {sec(old, s).get(k)!r} -> {sec(new, s).get(k)!r}" for s in {**old, **new}
+            for k in {**sec(old, s), **sec(new, s)} if old and sec(old, s).get(k) != sec(new, s).get(k)]
     return f" ({', '.join(diff)})" if diff else ""
 
 
 def check_config(ckpt: Path, keys: dict) -> None:
     """Refuse to resume from a checkpoint made with other settings, naming what changed."""
     saved = read_state(ckpt)
-    if saved.get("config_fingerprint") not in (None, fingerprint(keys)):
+    if not isinstance(saved.get("config_fingerprint"), str):  # never skip the check
+        raise _damaged("no config fingerprint", ckpt)
+    if saved["config_fingerprint"] != fingerprint(keys):
         raise MsdError("checkpoint was made with a different config"
-                       f"{changes(saved.get('config'), keys)}; use a new train.output_dir", str(ckpt))
+                       f"{changes(saved.get('config'), keys)}; use a new train.output_dir or "
+                       "start over with --no-resume", str(ckpt))
 
 
 def run_state(keys: dict, step: int, grad_accum: int, cache_entries: int | None) -> dict:
@@ -180,17 +213,24 @@ def run_state(keys: dict, step: int, grad_accum: int, cache_entries: int | None)
 
 # ----------------------------------------------------------------------------- the final model
 
-def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator) -> Path:
+def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator,
+               state_dict: dict | None = None) -> Path:
     """`<out_dir>/final`: the model (or adapter) in Hugging Face format, its tokenizer and the
-    resolved config, written to a temporary folder and renamed."""
+    resolved config, written to a temporary folder and renamed. `state_dict`: the full weights,
+    gathered by the caller on every process for sharded runs (`msd.train.dist_checkpoint`)."""
     final = out_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         tmp = out_dir / ".final.tmp"
-        unwrapped.save_pretrained(tmp, safe_serialization=True,
-                                  state_dict=accelerator.get_state_dict(model))
-        tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / "msd_config.yaml", config_yaml)
-        atomic_replace_dir(tmp, final)
+        try:
+            unwrapped.save_pretrained(tmp, safe_serialization=True,
+                                      state_dict=state_dict if state_dict is not None
+                                      else accelerator.get_state_dict(model))
+            tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / "msd_config.yaml", config_yaml)
+            atomic_replace_dir(tmp, final)
+        except BaseException:  # a full disk: free the space for the rerun
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
     return final

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from msd import families
 from msd.config import to_dict
 from msd.errors import MsdError
 from msd.io import JsonlWriter, atomic_write_text, read_jsonl
@@ -37,7 +38,7 @@ def accumulate_stats(stats, out, responses, rows, tokenizer, refusal_check, accu
     if out.w_raw_BT is not None:  # mean unnormalised DPSW weight w^T * w^S over response tokens
         stats["dpsw_weight"] += float((out.w_raw_BT * mask).sum() / max(n_tok, 1.0)) / accum
     stats["response_len"] += n_tok / len(responses) / accum
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    texts = [families.decode_answer(tokenizer, r)[0] for r in responses]  # the answer, as judged
     stats["refusal_rate"] += sum(refusal_check(t, it.lang) for t, it in zip(texts, rows)) / len(rows) / accum
     stats["tokens"] += int(n_tok)
 

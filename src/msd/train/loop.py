@@ -21,13 +21,14 @@ import torch
 
 from msd.config import chunk_size_for, to_dict, to_yaml
 from msd.data import QueryTuple, load_tuples, split
+from msd import fingerprint, limits
 from msd.errors import MsdError
 from msd.io import atomic_write_text, ensure_writable_dir
 from msd.losses import LossSpec
 from msd.memory import trim_heap
 from msd.models import load_model_and_tokenizer
 from msd.scoring import msd_batch_loss
-from msd.train import checkpoint, logs, responses
+from msd.train import checkpoint, dist_checkpoint, logs, responses, sharding
 from msd.train.items import Item, build_items, micro_batch
 from msd.train.setup import Run, make_accelerator, prepare
 
@@ -57,6 +58,8 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     items = training_items(cfg, tuples, tokenizer, accelerator.num_processes)
+    limits.check_context([(f"query {it.key}", max(len(it.student_ids), len(it.teacher_ids))) for it in items],
+                         limits.context_window(model, tokenizer), cfg.rollout.max_new_tokens, "data.source")
     run = prepare(cfg, model, accelerator, len(items))
     start = resume_from_checkpoint(cfg, run, out_dir, resume)
     if accelerator.is_main_process:
@@ -81,14 +84,11 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
         bar.update(1)
         done = step + 1
         if tc.save_every and done % tc.save_every == 0 and done < run.total_steps:
-            if accelerator.is_main_process:
-                save(cfg, run, out_dir, done, cached)
-            accelerator.wait_for_everyone()
+            save(cfg, run, out_dir, done, cached)  # every process: each saves its shards
     bar.close()
 
-    if accelerator.is_main_process:
-        save(cfg, run, out_dir, run.total_steps, cached)
-    final = checkpoint.save_final(run.model, tokenizer, out_dir, to_yaml(cfg), accelerator)
+    save(cfg, run, out_dir, run.total_steps, cached)
+    final = dist_checkpoint.save_final(run, tokenizer, out_dir, to_yaml(cfg))
     logger.close()
     accelerator.print(f"msd: saved {final}")
     return TrainResult(run.unwrapped, tokenizer, out_dir, run.total_steps, history)
@@ -101,6 +101,9 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
     if tuples is None:
         tuples = load_tuples(cfg.data.source, cfg.data.english)
     train_tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
+    if not train_tuples:  # Fixed bug: this was reported as a data.languages problem
+        raise MsdError(f"data.heldout_fraction={cfg.data.heldout_fraction} holds out all {len(tuples)} "
+                       "queries; lower it", "data.heldout_fraction")
     if cfg.data.limit:
         train_tuples = train_tuples[: cfg.data.limit]
     items = build_items(cfg, train_tuples, tokenizer)
@@ -111,7 +114,7 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
 
 
 def resume_keys(cfg) -> dict:
-    return checkpoint.resume_keys(to_dict(cfg))
+    return {**checkpoint.resume_keys(to_dict(cfg)), "identity": fingerprint.training_identity(cfg)}
 
 
 def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) -> int:
@@ -124,7 +127,7 @@ def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) ->
     # Fixed bug: the config was compared only after loading the weights, so a changed shape
     # (lora.r) failed with a tensor-size error instead of naming what changed.
     checkpoint.check_config(ckpt, resume_keys(cfg))
-    step = checkpoint.load_checkpoint(ckpt, run.unwrapped, run.optimizer, run.scheduler)["step"]
+    step = dist_checkpoint.load_checkpoint(run, ckpt)["step"]
     run.accelerator.print(f"msd: resuming from {ckpt} (step {step} of {run.total_steps})")
     if run.accelerator.is_main_process:
         logs.drop_logs_after(out_dir, step)
@@ -134,8 +137,7 @@ def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) ->
 def save(cfg, run: Run, out_dir: Path, step: int, cached) -> None:
     state = checkpoint.run_state(resume_keys(cfg), step, cfg.train.grad_accum,
                                  len(cached) if cached is not None else None)
-    checkpoint.save_checkpoint(out_dir, step, run.unwrapped, run.optimizer, run.scheduler, state,
-                               cfg.train.keep_checkpoints)
+    dist_checkpoint.save_checkpoint(run, out_dir, step, state, cfg.train.keep_checkpoints)
 
 
 class Stepper:
@@ -192,8 +194,13 @@ class Stepper:
     def update(self, loss) -> bool:
         """Clip and step unless the loss or a gradient is non-finite; returns whether it stepped."""
         run = self.run
-        finite = math.isfinite(grad_norm(run.params)) and bool(torch.isfinite(loss))
-        if finite and self.cfg.train.max_grad_norm > 0:
+        norm = sharding.grad_norm(run.params) if run.engine == "fsdp2" else grad_norm(run.params)
+        # Fixed bug: each process decided alone (from its local loss and shards), so one could
+        # step while another skipped, and their next collective call hung.
+        finite = sharding.all_agree(math.isfinite(norm) and bool(torch.isfinite(loss)))
+        if finite and self.cfg.train.max_grad_norm > 0 and run.engine == "fsdp2":
+            sharding.clip_grad(run.params, self.cfg.train.max_grad_norm, norm)
+        elif finite and self.cfg.train.max_grad_norm > 0:
             run.accelerator.clip_grad_norm_(run.params, self.cfg.train.max_grad_norm)
         if finite:
             run.optimizer.step()

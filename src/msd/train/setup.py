@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from msd.errors import MsdError
+from msd.losses import check_jsd_beta
 from msd.models import Teacher, apply_lora, is_peft
+from msd.train import sharding
 
 WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -29,8 +31,25 @@ def make_accelerator(tc):
     # Several processes without a GPU (torchrun / accelerate's --multi_gpu launcher): accelerate
     # picks DDP over gloo only when told cpu=True; otherwise every process trains alone.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                       cpu=cpu_ddp)
+    # FSDP: msd shards (msd.train.sharding) and sets the precision itself; accelerate only
+    # starts the processes.
+    precision = "no" if sharding.fsdp_requested() else tc.mixed_precision
+    reset_precision(precision)
+    sharding.die_with_launcher()
+    with sharding.accelerate_fsdp_hidden():
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum,
+                           cpu=cpu_ddp)
+
+
+def reset_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process and refuses another mixed precision in it; a
+    second run in the same single process (a notebook, a test session) starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    if str(AcceleratorState().mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def shards_weights(accelerator) -> bool:
@@ -41,6 +60,24 @@ def shards_weights(accelerator) -> bool:
         return True
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+
+def master_weights(model, mixed_precision: str, accelerator):
+    """Full fine-tuning keeps float32 weights for the optimizer to update. Fixed bug: with
+    bfloat16 weights most AdamW updates at lr ~1e-5 round away (after 2 steps 6% of the
+    weights had moved, 72% in float32). With bf16/fp16 compute the trained copy is upcast
+    (the frozen teacher stays in half precision); without, the run is refused. DeepSpeed keeps
+    its own float32 master weights."""
+    from accelerate.utils import DistributedType
+
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    if not half or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return model
+    if mixed_precision == "no":
+        raise MsdError("full fine-tuning with half-precision weights loses most updates; set "
+                       "train.mixed_precision=bf16 (float32 master weights, bf16 compute), "
+                       "model.dtype=float32, or lora.enabled=true", "train.mixed_precision")
+    return model.float()
 
 
 def make_scheduler(optimizer, tc, total_steps: int):
@@ -73,35 +110,47 @@ class Run:
     total_steps: int
     sharded: bool
     loss_cfg: object  # cfg.loss, with chunk_size 0 when the weights are sharded
+    engine: str = "plain"  # "fsdp2" (msd shards), "deepspeed" (accelerate's), "plain" (one / DDP)
 
 
 def prepare(cfg, model, accelerator, n_items: int) -> Run:
     """Adapter or full fine-tuning, the frozen teacher (theta_0, taken before any update), the
     optimizer and schedule, all prepared by accelerate."""
     tc = cfg.train
+    check_jsd_beta(cfg.loss, "loss.beta")  # configs built in code skip load_config's check
     if cfg.lora.enabled:
         if not is_peft(model):
             model = apply_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
-    model.to(accelerator.device)
+    fsdp2 = sharding.fsdp_requested()
+    if not fsdp2:  # FSDP2 moves the weights one unit at a time while sharding
+        model.to(accelerator.device)
     teacher = Teacher.for_model(model)  # frozen now: theta_0
+    if not cfg.lora.enabled:
+        model = master_weights(model, tc.mixed_precision, accelerator)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if is_peft(model):
             model.enable_input_require_grads()
+    if fsdp2:  # before the optimizer: it must hold the shards
+        sharding.shard(model, accelerator.device, tc.mixed_precision)
+        sharding.shard(teacher.frozen, accelerator.device, tc.mixed_precision)
+        print(sharding.share_line(model, accelerator), flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     micro_per_epoch = n_items // (tc.batch_size * accelerator.num_processes)
     total_steps = tc.max_steps or max(1, tc.epochs * micro_per_epoch // tc.grad_accum)
     scheduler = make_scheduler(optimizer, tc, total_steps)
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sharded, loss_cfg = shards_weights(accelerator), cfg.loss
+    if not fsdp2:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    sharded, loss_cfg = fsdp2 or shards_weights(accelerator), cfg.loss
     if sharded:  # FSDP / ZeRO-3: weights exist only inside the wrapper's forward
         teacher.wrapped = model if teacher.frozen is None else None
         if loss_cfg.chunk_size:  # the chunked loss calls lm_head outside forward
             warnings.warn("FSDP / ZeRO-3: loss.chunk_size set to 0 (full logits)")
             loss_cfg = dataclasses.replace(loss_cfg, chunk_size=0)
+    engine = "fsdp2" if fsdp2 else "deepspeed" if sharded else "plain"
     return Run(accelerator, model, accelerator.unwrap_model(model), teacher, params, optimizer,
-               scheduler, total_steps, sharded, loss_cfg)
+               scheduler, total_steps, sharded, loss_cfg, engine)

@@ -61,6 +61,7 @@ class JudgeOption:
     help: str = ""
     choices: tuple | None = None
     required: bool = False  # the judge cannot run without it
+    bounds: dict | None = None  # declared limits (msd.bounds: ge, gt, le, lt), checked by the CLI
 
     @property
     def dest(self) -> str:

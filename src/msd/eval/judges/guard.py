@@ -48,7 +48,7 @@ class GuardJudge(Judge):
     options = (
         JudgeOption("--guard-model", "model", str,
                     "guard model (hub id or folder), e.g. Qwen3Guard-Gen or Llama Guard", required=True),
-        JudgeOption("--guard-batch-size", "batch_size", int, "pairs per generate call (default: 8)"),
+        JudgeOption("--guard-batch-size", "batch_size", int, "pairs per generate call (default: 8)", bounds={"ge": 1}),
         JudgeOption("--guard-controversial", "controversial", str,
                     "how to count Qwen3Guard's 'Controversial' (default: unsafe)", choices=("safe", "unsafe")),
     )
@@ -61,12 +61,19 @@ class GuardJudge(Judge):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from msd.models import resolve_model_path
+
+        try:  # a local folder: safetensors checked file by file
+            model = resolve_model_path(model)
+        except MsdError as e:
+            raise MsdError(f"cannot load the guard model ({e})", "--guard-model") from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype,
+            # Fixed bug: the guard was loaded without use_safetensors, so a pickled .bin ran.
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, use_safetensors=True,
                                                               trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for damaged files
             raise MsdError(f"cannot load the guard model ({str(e).splitlines()[0][:200]})", model) from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise MsdError("the guard model's tokenizer has no chat template", model)

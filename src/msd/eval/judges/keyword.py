@@ -92,7 +92,8 @@ class KeywordJudge(Judge):
     name = "keyword"
     summary = "refusal lexicon, weak proxy"
     options = (JudgeOption("--keyword-window", "window", int,
-                           "look for refusals in the first N characters (default: 400)"),)
+                           "look for refusals in the first N characters (default: 400)",
+                           bounds={"ge": 1}),)
 
     def __init__(self, window: int | None = 400, include_generic: bool = False):
         self.window = window

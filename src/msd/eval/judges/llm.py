@@ -10,11 +10,12 @@ as a judge error, never guessed.
 - The API key comes from the environment variable MSD_JUDGE_API_KEY (or `api_key_env`). It is
   sent in the Authorization header only: never logged, cached, or written to any file.
 - Requests run in a thread pool (`concurrency`); 5xx, 429, timeouts, connection errors and
-  malformed replies are retried with exponential backoff. An endpoint that stays down raises a
+  malformed replies are retried with exponential backoff. `timeout` is a total deadline per
+  request (a server that trickles bytes is cut off); Ctrl-C closes open connections and stops. An endpoint that stays down raises a
   one-line MsdError; the caller keeps every finished record (see msd.eval.safety).
 - A disk cache (JSONL, one line per verdict) keyed by a hash of judge version + model + prompt
   + response: a rerun sends no request for a pair already judged.
-Only the standard library is used (urllib).
+Only the standard library is used (http.client, in msd.eval.judges.http).
 """
 
 from __future__ import annotations
@@ -23,19 +24,16 @@ import hashlib
 import json
 import os
 import random
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from msd import languages
+from msd.eval.judges import transport as http
 from msd.errors import MsdError
 from msd.eval.judges.base import JUDGES, LABELS, Judge, JudgeItem, JudgeOption, Verdict
-from msd.io import JsonlWriter, cache_root, read_jsonl
+from msd.io import CACHE_ENV, JsonlWriter, cache_root, read_jsonl
 
 PROMPT_VERSION = "llm-judge-v1"
 KEY_ENV = "MSD_JUDGE_API_KEY"
@@ -101,9 +99,10 @@ class LLMJudge(Judge):
         JudgeOption("--judge-base-url", "base_url", str, "endpoint base URL, e.g. http://host:8000/v1 "
                     f"(API key from the environment variable {KEY_ENV})", required=True),
         JudgeOption("--judge-model", "model", str, "model name sent to the endpoint", required=True),
-        JudgeOption("--judge-concurrency", "concurrency", int, "parallel requests (default: 8)"),
-        JudgeOption("--judge-retries", "max_retries", int, "tries per item before giving up (default: 4)"),
-        JudgeOption("--judge-timeout", "timeout", float, "seconds per request (default: 60)"),
+        JudgeOption("--judge-concurrency", "concurrency", int, "parallel requests (default: 8)", bounds={"ge": 1}),
+        JudgeOption("--judge-retries", "max_retries", int, "tries per item before giving up (default: 4)", bounds={"ge": 1}),
+        JudgeOption("--judge-timeout", "timeout", float, "total seconds per request, reading the reply included (default: 60)",
+                    bounds={"gt": 0}),
         JudgeOption("--judge-cache-dir", "cache_dir", str,
                     "verdict cache folder (default: $MSD_CACHE or ~/.cache/msd)"),
     )
@@ -113,11 +112,8 @@ class LLMJudge(Judge):
                  cache_dir: str | None = None, max_tokens: int = 16):
         if not base_url or not model:
             raise MsdError("the llm judge needs --judge-base-url and --judge-model", "--judge")
-        self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/chat/completions")
-                                           else "/chat/completions")
-        parts = urlsplit(self.url)  # what may be shown: without user:password@, if any
-        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        self.public_url = urlunsplit(parts._replace(netloc=host))
+        self.endpoint = http.Endpoint(base_url, "/chat/completions")
+        self.public_url = self.endpoint.public_url  # never holds user:password@ or query values
         self.model = model
         self.version = f"{PROMPT_VERSION}:{model}"
         self._key = os.environ.get(api_key_env) or None
@@ -126,13 +122,31 @@ class LLMJudge(Judge):
         self.cache_path = Path(cache_dir or cache_root()) / "llm_judge_cache.jsonl"
         self._cache = self._load_cache()
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # set on Ctrl-C or a fatal error: every worker ends at once
         self.requests_sent = 0  # for tests and logs
 
     # -------------------------------------------------------------------------- cache
     def _load_cache(self) -> dict[str, str]:
-        if not self.cache_path.exists():
-            return {}
+        # Fixed bug: an unwritable cache folder (a read-only HOME) failed with a traceback after
+        # the judge calls were paid for; it is checked here, before any request.
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cache_path, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise MsdError(f"judge cache is not writable ({e.strerror or e}); set --judge-cache-dir "
+                           f"or ${CACHE_ENV} to a writable folder", str(self.cache_path.parent)) from None
         return {r["key"]: r["reply"] for r in read_jsonl(self.cache_path) if "key" in r and "reply" in r}
+
+    def _remember(self, key: str, reply: str) -> None:
+        """Write a verdict to the cache the moment it arrives (it has been paid for)."""
+        with self._lock:
+            self._cache[key] = reply
+            try:
+                with JsonlWriter(self.cache_path) as w:
+                    w.write_many([{"key": key, "reply": reply[:200]}])
+            except OSError as e:  # the verdict still reaches the records
+                warnings.warn(f"{self.cache_path}: verdict not cached ({e.strerror or e})")
 
     def _cache_key(self, prompt: str) -> str:
         # The prompt holds the query and the response, so this keys version + model + both.
@@ -143,26 +157,24 @@ class LLMJudge(Judge):
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                            "messages": [{"role": "system", "content": SYSTEM},
                                         {"role": "user", "content": prompt}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with self._lock:
             self.requests_sent += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                payload = resp.read()
-        except urllib.error.HTTPError as e:
-            if e.code >= 500 or e.code == 429:
-                raise _Retry(f"HTTP {e.code}") from None
-            raise MsdError(f"judge endpoint refused the request (HTTP {e.code} {e.reason}); "
-                           "check --judge-base-url, --judge-model and the API key", self.public_url) from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-            reason = getattr(e, "reason", e)
-            raise _Retry(f"{type(e).__name__}: {reason}") from None
+            status, ctype, payload = self.endpoint.post(body, self._key, self.timeout, self._stop)
+        except http.Failure as e:
+            raise _Retry(str(e)) from None
+        if status >= 500 or status == 429:
+            raise _Retry(f"HTTP {status}")
+        if status >= 400:
+            raise MsdError(f"judge endpoint refused the request (HTTP {status}); "
+                           "check --judge-base-url, --judge-model and the API key", self.public_url)
         try:
             return json.loads(payload)["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+            if http.looks_like_html(ctype, payload):  # a web page, not the API: retrying won't help
+                raise MsdError("the endpoint answered with an HTML page, not the chat-completions "
+                               "JSON; check --judge-base-url (the API root, e.g. http://host:8000/v1)",
+                               self.public_url) from None
             raise _Retry("malformed JSON from the endpoint") from None
 
     def _judge_one(self, item: JudgeItem) -> Verdict:
@@ -174,8 +186,10 @@ class LLMJudge(Judge):
                 return cached
         last, reply_seen = "", False
         for attempt in range(self.max_retries):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random()))
+            if attempt and self._stop.wait(self.backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random())):
+                break
+            if self._stop.is_set():
+                break
             try:
                 reply = self._post(prompt)
             except _Retry as e:
@@ -183,12 +197,11 @@ class LLMJudge(Judge):
                 continue
             verdict = parse_reply(reply)
             if verdict is not None:
-                with self._lock:
-                    self._cache[key] = reply
-                    with JsonlWriter(self.cache_path) as w:
-                        w.write_many([{"key": key, "reply": reply[:200]}])
+                self._remember(key, reply)
                 return verdict
             last, reply_seen = f"reply does not start with safe/unsafe/invalid: {reply[:60]!r}", True
+        if self._stop.is_set():
+            raise MsdError("judging stopped", self.public_url)
         if not reply_seen:  # never got a usable answer: the endpoint is down, not the item odd
             raise MsdError(f"judge endpoint unreachable after {self.max_retries} tries ({last}); "
                            "finished records are kept, rerun to continue", self.public_url)
@@ -197,14 +210,19 @@ class LLMJudge(Judge):
     def judge(self, items: list[JudgeItem]) -> list[Verdict]:
         if not items:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
-            futures = [pool.submit(self._judge_one, item) for item in items]
-            try:
-                return [f.result() for f in futures]
-            except MsdError:
-                for f in futures:
-                    f.cancel()
-                raise
+        self._stop.clear()
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)))
+        futures = [pool.submit(self._judge_one, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            # Fixed bug: Ctrl-C (or an endpoint that is down) waited for every running request's
+            # timeouts and retries; now the workers stop and open connections are closed at once.
+            # Verdicts that arrived are already in the cache.
+            self._stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=self._stop.is_set() is False, cancel_futures=True)
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "base_url": self.public_url, "model": self.model,

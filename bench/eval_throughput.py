@@ -1,0 +1,122 @@
+"""Evaluation throughput: `msd eval`'s generation against plain `model.generate`.
+
+Same model (the benchmark model: a random Qwen2-style decoder with the real 151,936-id Qwen
+vocabulary), same student prompts (the chat template around filler queries of varying length),
+same settings (greedy, --new-tokens, --batch prompts per call). msd: `msd.eval.safety.evaluate`
+with the keyword judge into a fresh folder, its generation seconds read from run.json (prompts
+sorted by length, msd's decode loop on CPU). Plain: the prompts in their given order, batches
+left-padded by the tokenizer, `model.generate(do_sample=False)`. Both stop at the same EOS; the
+greedy responses are compared (they must be the same tokens).
+
+Runs alternate (msd, plain, msd, plain, ...); each figure is the median of --runs runs. The last
+line is `eval_speedup=<plain seconds / msd seconds>`.
+
+    python bench/eval_throughput.py                 # 64 prompts, 32 new tokens, batch 32
+    python bench/eval_throughput.py --threads 1 --prompts 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+from _common import SMALL, load_bench_tokenizer, make_bench_model  # noqa: E402
+
+
+def queries(n: int, seed: int = 0):
+    from msd.data import QueryTuple
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = " ".join(f"w{rng.randrange(100_000)}" for _ in range(rng.randrange(6, 40)))
+        out.append(QueryTuple(f"q{i}", {"en": words, "jv": words}, {"harmful": True}))
+    return out
+
+
+def run_msd(model, tok, tuples, a) -> tuple[float, dict]:
+    from msd.eval.judges import get_judge
+    from msd.eval.safety import evaluate
+
+    out = Path(tempfile.mkdtemp(prefix="msd-eval-bench-"))
+    try:
+        evaluate(model, tok, tuples, ["jv"], get_judge("keyword"), out, benchmark="bench",
+                 max_new_tokens=a.new_tokens, batch_size=a.batch, progress=False)
+        seconds = json.loads((out / "run.json").read_text())["throughput"]["generate_seconds"]
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        return seconds, {r["query_id"]: r["response"] for r in records}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@torch.no_grad()
+def run_plain(model, tok, tuples, a) -> tuple[float, dict]:
+    from msd.generation import eos_ids
+    from msd.prompts import PromptBuilder
+
+    builder = PromptBuilder(tok)
+    texts = [tok.decode(builder.student(t.texts["jv"])) for t in tuples]
+    eos = sorted(eos_ids(model, tok))
+    out, seconds = {}, 0.0
+    for start in range(0, len(tuples), a.batch):
+        enc = tok(texts[start:start + a.batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        t0 = time.perf_counter()
+        gen = model.generate(**enc, max_new_tokens=a.new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)
+        seconds += time.perf_counter() - t0
+        for t, row in zip(tuples[start:start + a.batch], gen[:, enc["input_ids"].shape[1]:].tolist()):
+            cut = next((i + 1 for i, x in enumerate(row) if x in eos), len(row))
+            out[t.id] = tok.decode(row[:cut], skip_special_tokens=True)
+    return seconds, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/msd_bench")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    folder = make_bench_model(Path(a.workdir) / "bench_model_small", **SMALL)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = load_bench_tokenizer(folder)
+    tuples = queries(a.prompts)
+    # Warm-up (allocator, lazy initialisation), not timed.
+    run_msd(model, tok, tuples[: a.batch], a)
+    run_plain(model, tok, tuples[: a.batch], a)
+    msd_s, plain_s = [], []
+    for _ in range(a.runs):
+        s, msd_out = run_msd(model, tok, tuples, a)
+        msd_s.append(s)
+        s, plain_out = run_plain(model, tok, tuples, a)
+        plain_s.append(s)
+    same = sum(msd_out[k] == plain_out[k] for k in msd_out)
+    m, p = statistics.median(msd_s), statistics.median(plain_s)
+    print(f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {a.prompts} prompts, {a.new_tokens} new tokens, batch {a.batch}")
+    print(f"msd eval generation: {m:.2f} s ({a.prompts / m:.2f} generations/s), runs {[round(x, 2) for x in msd_s]}")
+    print(f"plain model.generate: {p:.2f} s ({a.prompts / p:.2f} generations/s), runs {[round(x, 2) for x in plain_s]}")
+    print(f"identical greedy responses: {same}/{len(msd_out)}")
+    print(f"eval_speedup={p / m:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
