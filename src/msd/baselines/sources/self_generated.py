@@ -24,9 +24,10 @@ from msd.train.checkpoint import fingerprint
 from msd.train.loop import training_items
 
 
-def student_cache_path(cfg, cache_dir: Path) -> Path:
-    teacher = responses.cache_path(cfg, cache_dir).name.split(".")[1]  # model, rollout, seed
-    fp = fingerprint([teacher, cfg.prompt.system_prompt, cfg.model.enable_thinking])
+def student_cache_path(cfg, cache_dir: Path, items, model) -> Path:
+    """The teacher cache's fingerprint (model, prompts, rollout, seed) plus the student prompts."""
+    teacher = responses.cache_path(cfg, cache_dir, items, model).name.split(".")[1]
+    fp = fingerprint([teacher, [(it.key, it.student_ids) for it in sorted(items, key=lambda it: it.key)]])
     return Path(cache_dir) / f"student_samples.{fp}.jsonl"
 
 
@@ -60,11 +61,16 @@ def self_generated(cfg, model, tokenizer, progress: bool = True) -> list[Pair]:
     items = training_items(cfg, tuples, tokenizer, 1)
     cache_dir = Path(cfg.baseline.cache_dir or Path(cfg.train.output_dir) / "baseline_cache")
     state = PartialState()
-    # The frozen model as MSD's teacher (theta_0); no copy: nothing trains while it samples.
-    run = SimpleNamespace(accelerator=state, teacher=Teacher(model, frozen_copy=model), sharded=False)
+    # What teacher_samples needs of a prepared run: the frozen model as MSD's teacher (theta_0;
+    # no copy: nothing trains while it samples) and the processes, the model unwrapped.
+    acc = SimpleNamespace(is_main_process=state.is_main_process, num_processes=state.num_processes,
+                          process_index=state.process_index, wait_for_everyone=state.wait_for_everyone,
+                          unwrap_model=lambda m: m)
+    run = SimpleNamespace(accelerator=acc, teacher=Teacher(model, frozen_copy=model), sharded=False,
+                          unwrapped=model)
     chosen = responses.teacher_samples(cfg, run, tokenizer, items, cache_dir, progress)
     rejected = student_samples(cfg, state, model, tokenizer, items,
-                               student_cache_path(cfg, cache_dir), progress)
+                               student_cache_path(cfg, cache_dir, items, model), progress)
     out = []
     for it in items:
         for good, bad in zip(chosen[it.key], rejected[it.key]):
