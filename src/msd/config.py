@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from msd import bounds
-from msd.baselines.options import BaselineConfig, data_names, method_names
+from msd.baselines.options import BaselineConfig
+from msd.choices import CHOICES, REGISTERED
 from msd.errors import MsdError, closest
 from msd.limits import read_text, safe_yaml, short_repr
 
@@ -133,76 +133,6 @@ TRAINER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
                  "per_device_train_batch_size": "batch_size",
                  "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule"}
 
-def _divergences() -> list[str]:
-    from msd.losses import DIVERGENCES
-
-    return DIVERGENCES.names()
-
-
-def _weightings() -> list[str]:
-    from msd.losses import WEIGHTINGS
-
-    return WEIGHTINGS.names()
-
-
-def _backends() -> list[str]:
-    from msd.generation import BACKENDS
-
-    return ["auto", *BACKENDS.names()]
-
-
-def _teacher_contexts() -> list[str]:
-    from msd.prompts import TEACHER_TEMPLATES
-
-    return list(TEACHER_TEMPLATES)
-
-
-def _datasets() -> list[str]:
-    from msd.data import DATASETS
-
-    return DATASETS.names()
-
-
-def _model_sources() -> list[str]:
-    from msd.models import MODEL_SOURCES
-
-    return MODEL_SOURCES.names()
-
-
-# Keys that take a registered name or something else (a file, a hub id): listed, not enforced.
-REGISTERED = {"data.source": _datasets, "model.name_or_path": _model_sources,
-              "baseline.data": data_names}
-
-
-class _Choices(Mapping):
-    """config key -> its allowed values, read from the registries each time (a plugin or a
-    test may register a divergence, weighting or backend after this module is imported)."""
-
-    def __init__(self, sources: dict[str, Callable[[], list[str]]]):
-        self._sources = sources
-
-    def __getitem__(self, key: str) -> list[str]:
-        return list(self._sources[key]())
-
-    def __iter__(self):
-        return iter(self._sources)
-
-    def __len__(self) -> int:
-        return len(self._sources)
-
-
-CHOICES = _Choices({
-    "model.dtype": lambda: ["auto", "float32", "bfloat16", "float16"],
-    "prompt.teacher_context": _teacher_contexts,
-    "rollout.backend": _backends,
-    "loss.divergence": _divergences,
-    "loss.weighting": _weightings,
-    "train.mode": lambda: ["on_policy", "off_policy"],
-    "train.schedule": lambda: ["cosine", "linear", "constant"],
-    "train.mixed_precision": lambda: ["no", "bf16", "fp16"],
-    "baseline.method": method_names,
-    "baseline.loss_type": lambda: ["sigmoid", "robust", "ipo"],
-})
 
 # loss.chunk_size = -1: tokens per chunk by device. CPU: small chunks keep the loss's block in
 # cache-friendly sizes and its memory low (docs/PERFORMANCE.md); GPU: big chunks fill the GPU.
