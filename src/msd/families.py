@@ -26,6 +26,7 @@ Shape letters: C tokens, V vocabulary.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -183,15 +184,35 @@ def think_markers(tokenizer, config=None) -> tuple[str, str] | None:
     return DEFAULT_THINK if all(m in vocab for m in DEFAULT_THINK) else None
 
 
+_TOKEN_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def answer_token_sets(tokenizer, config=None):
+    """(think markers or None, hidden ids, ids of the markers) for `decode_answer`, computed once
+    per tokenizer and vocabulary size. Fixed bug: they were rebuilt for every response, and
+    listing a 152k-token vocabulary per response took about a quarter of a CPU training step."""
+    key = (len(tokenizer), family_of(config).think if config is not None else None)
+    try:
+        cached = _TOKEN_SETS.get(tokenizer)
+    except TypeError:  # a tokenizer that takes no weak reference: no cache
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    markers = think_markers(tokenizer, config)
+    keep = {tokenizer.convert_tokens_to_ids(m) for m in markers} if markers else set()
+    value = (markers, frozenset(hidden_token_ids(tokenizer)), frozenset(keep))
+    try:
+        _TOKEN_SETS[tokenizer] = (key, value)
+    except TypeError:
+        pass
+    return value
+
+
 def decode_answer(tokenizer, ids: list[int], config=None) -> tuple[str, str | None]:
     """(answer, reasoning or None): the decoded response without any special or added token;
     when it holds a reasoning block, the answer is the text after the block's end. A block that
     never ends (truncated) leaves an empty answer."""
-    markers = think_markers(tokenizer, config)
-    hidden = hidden_token_ids(tokenizer)
-    keep = set()
-    if markers:
-        keep = {tokenizer.convert_tokens_to_ids(m) for m in markers}
+    markers, hidden, keep = answer_token_sets(tokenizer, config)
     text = tokenizer.decode([i for i in ids if i not in hidden or i in keep], skip_special_tokens=False)
     if not markers or (markers[0] not in text and markers[1] not in text):
         return text, None
