@@ -12,21 +12,5 @@
 # and carry .whl/ along: they are installed into a private folder, msd is imported from src/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  SITE="${TMPDIR:-/tmp}/msd-bench-site"
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "gpu_check: the wheels in .whl/ do not fit this Python (fetch them with PYVER=...); using what is installed"
-  fi
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-"$PY" - <<'PYEOF'
-import torch, transformers, peft
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-      f"cuda {torch.version.cuda}, gpus {torch.cuda.device_count()}")
-PYEOF
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore
+source bench/_env.sh
 exec timeout 470 "$PY" bench/gpu_check.py "$@"

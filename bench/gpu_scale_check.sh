@@ -8,12 +8,5 @@
 #   bash bench/gpu_scale_check.sh --gpus 2 --engines fsdp2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
-date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-"$PY" - <<'PYEOF'
-import torch, transformers, peft, accelerate
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-      f"accelerate {accelerate.__version__}, cuda {torch.version.cuda}, gpus {torch.cuda.device_count()}")
-PYEOF
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore
+source bench/_env.sh
 exec timeout 1200 "$PY" bench/gpu_scale_check.py "$@"
