@@ -52,3 +52,15 @@ def peaky_model_dir(tmp_path_factory):
     weights["lm_head.weight"] = weights["lm_head.weight"] * 30
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: runs compared bit for bit (in-process against killed or
+    launched processes, which run with one thread too) compute alike."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

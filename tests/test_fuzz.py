@@ -53,14 +53,7 @@ RAW_YAML = ["a: &a [x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b
             "\ufefftrain:\n  lr: 0.001\n", "model:\n  dtype: &x auto\n  chat_template: *x\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def _alarm(signum, frame):

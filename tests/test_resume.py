@@ -91,13 +91,8 @@ class KilledRun:
         return step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The killed processes run with one thread too, so both sides compute bit for bit alike.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The killed processes run with one thread too, so both sides compute bit for bit alike.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -127,14 +127,6 @@ SECRETS = {"MSD_JUDGE_API_KEY": "sk-msd-judge-0123456789abcdef", "OPENAI_API_KEY
            "HF_TOKEN": "hf_secretTokenValue0123456789", "WANDB_API_KEY": "wandb-secret-0123456789abcdef"}
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(n)
-
-
 def test_api_keys_never_reach_training_outputs(tiny_model_dir, tmp_path, monkeypatch, capsys,
                                                one_thread):
     for name, value in SECRETS.items():

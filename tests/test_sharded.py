@@ -121,14 +121,6 @@ def assert_close(a: dict, b: dict, moved_from: dict | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def queries(tmp_path_factory):
     from conftest import write_queries
 
