@@ -80,7 +80,7 @@ class _StepTimer:
 
 def _worker_msd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     from msd.config import Config
-    from msd.models import load_model_and_tokenizer
+    from msd.models import load_model
     from msd.train import train
 
     cfg = Config()
@@ -97,7 +97,7 @@ def _worker_msd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     cfg.train.lr = 1e-5
     cfg.train.warmup_ratio = 0.0
     cfg.train.output_dir = str(out_dir)
-    model, _ = load_model_and_tokenizer(cfg.model)
+    model = load_model(cfg.model)
     # CPU seconds per step: from its micro-batch to its statistics (after the optimizer step).
     import msd.train.logs as mt_logs
     import msd.train.loop as mt

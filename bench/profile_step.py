@@ -30,7 +30,7 @@ def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = -1
     """(cfg, model, tokenizer, teacher, items, optimizer) as `msd.train.train` builds them."""
     from msd.config import Config
     from msd.data import load_tuples
-    from msd.models import Teacher, apply_lora, load_model_and_tokenizer
+    from msd.models import Teacher, apply_lora, load_model
     from msd.train.items import build_items
 
     cfg = Config()
@@ -40,7 +40,7 @@ def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = -1
     cfg.lora.enabled = lora
     for k, v in LORA.items():
         setattr(cfg.lora, k, v)
-    model, _ = load_model_and_tokenizer(cfg.model, device=device)
+    model = load_model(cfg.model, device=device)
     tok = load_bench_tokenizer(model_dir)
     if lora:
         model = apply_lora(model, cfg.lora)

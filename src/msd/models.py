@@ -76,10 +76,17 @@ def load_tokenizer(path: str, model_cfg):
 def load_model_and_tokenizer(model_cfg, adapter: str | None = None, device=None):
     """Load a causal LM (safetensors only, remote code off unless asked) and its tokenizer.
     `model_cfg` is a `msd.config.ModelConfig` (or anything with its fields)."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(model_cfg.name_or_path)
     tokenizer = load_tokenizer(path, model_cfg)
+    return load_model(model_cfg, adapter, device, path=path), tokenizer
+
+
+def load_model(model_cfg, adapter: str | None = None, device=None, *, path: str | None = None):
+    """The causal LM of `load_model_and_tokenizer`, without loading a tokenizer (a large
+    vocabulary's tokenizer holds tens of MB); `path`: `model_cfg.name_or_path` resolved."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(model_cfg.name_or_path)
     kwargs = dict(dtype=resolve_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code,
                   use_safetensors=True)
     if model_cfg.attn_implementation:
@@ -101,7 +108,7 @@ def load_model_and_tokenizer(model_cfg, adapter: str | None = None, device=None)
     if device is not None:
         model.to(device)
     model.eval()
-    return model, tokenizer
+    return model
 
 
 def apply_lora(model, lora_cfg):

@@ -60,12 +60,31 @@ def output_head(model):
 
 
 def response_hidden(model, batch: Batch, T: int) -> torch.Tensor:
-    """(B, T, H) final hidden states at the positions that predict the T response tokens."""
+    """(B, T, H) final hidden states at the positions that predict the T response tokens.
+
+    They are taken as they enter the output head, which then projects nothing: a model's head
+    over even one position per row costs as much as the decode steps' (a (B, 1, H) input goes
+    through a batched matmul with the weight expanded per row), and `output_hidden_states`
+    would keep every layer's states alive. A model whose forward does not call its head module
+    falls back to `output_hidden_states`."""
+    taken: list[torch.Tensor] = []
+
+    def take(_head, args):
+        taken.append(args[0])
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    handle = output_head(model).register_forward_pre_hook(take)
+    try:
+        out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
+                    use_cache=False, logits_to_keep=T + 1, output_hidden_states=False)
+    finally:
+        handle.remove()
+    if taken and taken[0].dim() == 3 and taken[0].shape[1] == T + 1:
+        return taken[0][:, :T]
     out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
                 output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    hidden_BSH = out.hidden_states[-1]
     P = batch.prompt_cols
-    return hidden_BSH[:, P - 1:P - 1 + T]
+    return out.hidden_states[-1][:, P - 1:P - 1 + T]
 
 
 def response_logits(model, batch: Batch, T: int) -> torch.Tensor:

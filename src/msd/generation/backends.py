@@ -178,7 +178,8 @@ def loop_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, split):
     generator = torch.Generator(device=ids_BP.device).manual_seed(seed)
     return decode_loop(model, split, ids_BP, mask_BP, max_new_tokens=s.max_new_tokens,
                        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                       num_samples=s.num_samples, eos=s.eos, pad_id=s.pad_id, generator=generator)
+                       num_samples=s.num_samples, eos=s.eos, pad_id=s.pad_id, generator=generator,
+                       logprobs=s.return_logprobs)
 
 
 @BACKENDS.register("loop")

@@ -18,6 +18,7 @@ import inspect
 import torch
 
 from msd import families
+from msd.generation.greedy import argmax_logits, usable as bf16_argmax_usable
 from msd.generation.weights import is_peft, is_sharded
 
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -155,9 +156,11 @@ def _new_cache(model):
 @torch.no_grad()
 def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperature: float,
                 top_p: float, top_k: int, num_samples: int, eos: set[int], pad_id: int,
-                generator: torch.Generator | None):
-    """Sample with a DynamicCache; returns (B*num_samples, G) new ids and their log-probs at
-    temperature 1 (what the scoring pass computes), both as lists of lists."""
+                generator: torch.Generator | None, logprobs: bool = True):
+    """Sample with a DynamicCache; returns (B*num_samples, G) new ids and, with logprobs, their
+    log-probs at temperature 1 (what the scoring pass computes), both as lists of lists (the
+    log-probs None without). Greedy decoding without log-probs takes the certified bfloat16
+    argmax where it is faster (`msd.generation.greedy`)."""
     backbone, head, cache_kw = split
     cache = _new_cache(model)
     pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
@@ -173,10 +176,13 @@ def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperatu
     eos_t = torch.tensor(sorted(eos) or [-1], device=ids_BP.device)
     done_B = torch.zeros(h_BH.shape[0], dtype=torch.bool, device=ids_BP.device)
     toks, logps = [], []
+    fast_greedy = temperature <= 0 and not logprobs and bf16_argmax_usable(head)
     for g in range(max_new_tokens):
-        logits_BV = project(h_BH, head)
-        tok_B, logp_B = sample_next(logits_BV, temperature, top_p, top_k, generator)
-        logps.append(logp_B)
+        if fast_greedy:
+            tok_B = argmax_logits(h_BH, head)
+        else:
+            tok_B, logp_B = sample_next(project(h_BH, head), temperature, top_p, top_k, generator)
+            logps.append(logp_B)
         tok_B = tok_B.masked_fill(done_B, pad_id)
         toks.append(tok_B)
         done_B |= torch.isin(tok_B, eos_t)
@@ -187,4 +193,4 @@ def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperatu
         out = backbone(input_ids=tok_B[:, None], attention_mask=mask_BS, position_ids=pos_B1,
                        use_cache=True, **{cache_kw: cache})
         h_BH = out.last_hidden_state[:, -1]
-    return torch.stack(toks, 1).tolist(), torch.stack(logps, 1).tolist()
+    return torch.stack(toks, 1).tolist(), torch.stack(logps, 1).tolist() if logprobs else None
