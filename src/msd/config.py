@@ -79,7 +79,7 @@ class RolloutConfig:
     num_samples: int = _f(1, "Responses sampled per query.", ge=1)
     batch_size: int = _f(32, "Prompts per generate call.", ge=1)
     backend: str = _f("auto", "Generation backend: auto (compiled on CUDA, msd's decode loop on CPU), or a registered backend (hf, compiled = static cache + torch.compile on GPU, vllm if installed, loop).")
-    merge_lora: bool = _f(True, "Fold the LoRA adapter into the base weights for sampling (no second copy), unfold afterwards.")
+    merge_lora: bool = _f(True, "On a GPU, sample with the LoRA adapter folded into a copy of the adapted weights (the base, i.e. the teacher, is never written); on CPU the adapter samples unmerged (as fast there, no copy).")
     cache_dir: str | None = _f(None, "Off-policy: where teacher samples are cached; None = <output_dir>/offpolicy_cache.")
 
 

@@ -32,6 +32,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     depend on what ran before or on how the caller's prompts were ordered. With
     return_logprobs=True, also returns logp[i][j][g] = log p(token g | ...) at temperature 1
     under the sampling weights (for checking the rollout against the scoring pass).
+    merge_lora: sample with LoRA folded into a copy of the adapted weights (`rollout_weights`);
+    on an accelerator only: a CPU decode step is bound by reading the weights, which a merged
+    copy does not change (it saved 2 % of a benchmark step and cost a second copy of every
+    adapted matrix, docs/PERFORMANCE.md), so on CPU the adapter samples unmerged.
     sharded=True (FSDP / ZeRO-3, called inside `full_weights`): plain `generate` through the
     modules, adapter unmerged, and every process keeps stepping until all are done
     (`synced_gpus`), since each forward gathers weights collectively.
@@ -44,7 +48,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, num_samples=num_samples, batch_size=batch_size, seed=seed,
                         eos=frozenset(eos_ids(model, tokenizer)), pad_id=tokenizer.pad_token_id,
-                        progress=progress, merge_lora=merge_lora and not sharded,
+                        progress=progress, merge_lora=merge_lora and not sharded and device.type != "cpu",
                         return_logprobs=return_logprobs, sharded=sharded)
     tokens, logprobs = BACKENDS.get(name)(model, prompts, sampling)
     return (tokens, logprobs) if return_logprobs else tokens

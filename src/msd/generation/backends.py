@@ -36,6 +36,7 @@ import functools
 
 import torch
 
+import msd.generation.bf16head as bf16head
 from msd.generation.sampler import cut_after_eos, decode_loop, split_head
 from msd.generation.weights import is_peft, merged_state, rollout_state, rollout_weights
 from msd.padding import left_pad
@@ -173,13 +174,13 @@ def hf_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, static: bool = F
     return new_BG.tolist(), logp
 
 
-def loop_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, split):
+def loop_batch(model, ids_BP, mask_BP, s: Sampling, seed: int, *, split, fast_head=None):
     """One batch through msd's decode loop, with its own generator seeded by `seed`."""
     generator = torch.Generator(device=ids_BP.device).manual_seed(seed)
     return decode_loop(model, split, ids_BP, mask_BP, max_new_tokens=s.max_new_tokens,
                        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                        num_samples=s.num_samples, eos=s.eos, pad_id=s.pad_id, generator=generator,
-                       logprobs=s.return_logprobs)
+                       logprobs=s.return_logprobs, fast_head=fast_head)
 
 
 @BACKENDS.register("loop")
@@ -187,7 +188,11 @@ def loop(model, prompts, s: Sampling):
     split = split_head(model)
     if split is None:
         return hf(model, prompts, s)
-    return in_batches(model, prompts, s, functools.partial(loop_batch, split=split))
+    head = split[1]
+    fast = bf16head.usable_for(head, s.temperature, s.top_p, s.top_k, s.return_logprobs)
+    # The head's bfloat16 copy is made once per call (the head may train between calls).
+    return in_batches(model, prompts, s, functools.partial(
+        loop_batch, split=split, fast_head=bf16head.Bf16Head(head) if fast else None))
 
 
 @BACKENDS.register("hf")

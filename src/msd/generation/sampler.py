@@ -18,7 +18,6 @@ import inspect
 import torch
 
 from msd import families
-from msd.generation.greedy import argmax_logits, usable as bf16_argmax_usable
 from msd.generation.weights import is_peft, is_sharded
 
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -92,13 +91,15 @@ def top_p_floor(z_BV: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None, *, out_BV: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (B,) next ids from softmax(logits / temperature) after top-k / top-p filtering
     (temperature 0 = greedy), and return them with their log-probs at temperature 1 without
-    filtering, i.e. the student's distribution the scoring pass computes."""
+    filtering, i.e. the student's distribution the scoring pass computes. out_BV: a float32
+    (B, V) buffer for the unnormalised probabilities (reused across decode steps)."""
     logits_BV = logits_BV.float().contiguous()
     max_B1 = logits_BV.amax(-1, keepdim=True)
-    w_BV = (logits_BV - max_B1).exp_()  # unnormalised p at temperature 1
+    w_BV = torch.sub(logits_BV, max_B1, out=out_BV).exp_()  # unnormalised p at temperature 1
     lse_B = max_B1.squeeze(-1) + w_BV.sum(-1).log()
     if temperature <= 0:
         tok_B = logits_BV.argmax(-1)
@@ -132,8 +133,27 @@ def split_head(model):
     return None if cache_kw is None else (backbone, head, cache_kw)
 
 
-def project(h_BH: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+class DecodeBuffers:
+    """The (B, V) blocks one decode step needs, allocated once per rollout and reused: a fresh
+    block every step lets small allocations settle in the freed ones, and the heap then grows
+    by tens of MB over a rollout (docs/PERFORMANCE.md)."""
+
+    def __init__(self, rows: int, head: torch.nn.Linear, logits: bool = True):
+        V, dtype, device = head.weight.shape[0], head.weight.dtype, head.weight.device
+        on = dtype == torch.float32 and device.type == "cpu"
+        self.t_VB = torch.empty(V, rows, dtype=dtype, device=device) if on and logits else None
+        self.z_BV = torch.empty(rows, V, dtype=dtype, device=device) if on and logits else None
+        self.w_BV = torch.empty(rows, V, dtype=torch.float32, device=device) if on else None
+
+
+def project(h_BH: torch.Tensor, head: torch.nn.Linear, buffers: DecodeBuffers | None = None) -> torch.Tensor:
     """(B, V) float32 logits of a few rows. On CPU as (W h^T)^T, which MKL runs 2-3x faster."""
+    if buffers is not None and buffers.t_VB is not None and buffers.t_VB.shape[1] == len(h_BH):
+        torch.mm(head.weight, h_BH.to(head.weight.dtype).T, out=buffers.t_VB)
+        logits_BV = buffers.z_BV.copy_(buffers.t_VB.T)
+        if head.bias is not None:
+            logits_BV.add_(head.bias)
+        return logits_BV
     if h_BH.device.type == "cpu":
         logits_BV = (head.weight @ h_BH.to(head.weight.dtype).T).T.contiguous()
     else:
@@ -156,11 +176,13 @@ def _new_cache(model):
 @torch.no_grad()
 def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperature: float,
                 top_p: float, top_k: int, num_samples: int, eos: set[int], pad_id: int,
-                generator: torch.Generator | None, logprobs: bool = True):
+                generator: torch.Generator | None, logprobs: bool = True,
+                fast_head=None):
     """Sample with a DynamicCache; returns (B*num_samples, G) new ids and, with logprobs, their
     log-probs at temperature 1 (what the scoring pass computes), both as lists of lists (the
-    log-probs None without). Greedy decoding without log-probs takes the certified bfloat16
-    argmax where it is faster (`msd.generation.greedy`)."""
+    log-probs None without). fast_head: a `msd.generation.bf16head.Bf16Head` of the head, to
+    project through its bfloat16 copy with float32 results (greedy or plain temperature
+    sampling)."""
     backbone, head, cache_kw = split
     cache = _new_cache(model)
     pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
@@ -176,12 +198,15 @@ def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperatu
     eos_t = torch.tensor(sorted(eos) or [-1], device=ids_BP.device)
     done_B = torch.zeros(h_BH.shape[0], dtype=torch.bool, device=ids_BP.device)
     toks, logps = [], []
-    fast_greedy = temperature <= 0 and not logprobs and bf16_argmax_usable(head)
+    buffers = DecodeBuffers(h_BH.shape[0], head, logits=fast_head is None)
     for g in range(max_new_tokens):
-        if fast_greedy:
-            tok_B = argmax_logits(h_BH, head)
+        if fast_head is not None and temperature <= 0:
+            tok_B = fast_head.argmax(h_BH)
+        elif fast_head is not None:
+            tok_B = fast_head.sample(h_BH, temperature, generator, buffers.w_BV)
         else:
-            tok_B, logp_B = sample_next(project(h_BH, head), temperature, top_p, top_k, generator)
+            tok_B, logp_B = sample_next(project(h_BH, head, buffers), temperature, top_p, top_k,
+                                        generator, out_BV=buffers.w_BV)
             logps.append(logp_B)
         tok_B = tok_B.masked_fill(done_B, pad_id)
         toks.append(tok_B)
