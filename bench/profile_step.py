@@ -48,7 +48,8 @@ def setup(model_dir: str, qfile: str, *, lora: bool = True, chunk_size: int = -1
         model.requires_grad_(True)
     teacher = Teacher.for_model(model)
     items = build_items(cfg, load_tuples(str(qfile), "en"), tok)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device in ("cpu", "cuda"))  # as msd.train.setup
     model.train()
     return cfg, model, tok, teacher, items, opt
 
@@ -79,7 +80,8 @@ def run_phases(cfg, model, tok, teacher, items, opt, *, steps: int, warmup: int,
         mark()
         out = msd_batch_loss(model, teacher, [it.student_ids for it in part],
                              [it.teacher_ids for it in part], responses, tok.pad_token_id,
-                             LossSpec.of(cfg.loss), chunk_size_for(cfg.loss, next(model.parameters()).device.type))
+                             LossSpec.of(cfg.loss), chunk_size_for(cfg.loss, next(model.parameters()).device.type,
+                                                            shared_head=teacher.frozen is None))
         mark()
         out.loss.backward()
         mark()

@@ -250,6 +250,22 @@ def test_trained_head_gradient_is_formed_in_the_forward(monkeypatch, chunk_size)
     assert_same((out, (h.grad, student_head.weight.grad, student_head.bias.grad)), expected)
 
 
+def test_trained_head_gradient_scaled_by_the_incoming_gradient_and_used_once():
+    """The backward scales the head's gradient by dL/dloss (here 0.25, as gradient accumulation
+    over 4 micro-batches gives); a second backward through a retained graph is refused rather
+    than scaling it twice."""
+    case = make_case(seed=3)
+    expected = run(*case, chunk_size=None, spec=LossSpec("rkl"))
+    student_head, teacher_head, h_s_BTH, h_t_BTH, mask_BT = case
+    student_head.zero_grad(set_to_none=True)
+    out = chunked_msd_loss(h_s_BTH, h_t_BTH, student_head, teacher_head, mask_BT, LossSpec("rkl"), chunk_size=5)
+    (0.25 * out.loss).backward(retain_graph=True)
+    want = expected[1][1] * 0.25
+    torch.testing.assert_close(student_head.weight.grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out.loss.backward()
+
+
 # ----------------------------------------------------------------------------- registering new entries
 
 def hellinger_sq(logp_s_CV, logp_t_CV):

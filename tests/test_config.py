@@ -159,6 +159,8 @@ def test_auto_chunk_size_depends_on_the_device():
     auto = load_config(None, []).loss
     assert auto.chunk_size == -1
     assert chunk_size_for(auto, "cpu") == 32 and chunk_size_for(auto, "cuda") == 512
+    assert chunk_size_for(auto, "cpu", shared_head=False) == 64
+    assert chunk_size_for(auto, "cuda", shared_head=False) == 512
     fixed = load_config(None, ["loss.chunk_size=0"]).loss
     assert chunk_size_for(fixed, "cpu") == 0 and chunk_size_for(fixed, "cuda") == 0
     assert chunk_size_for(load_config(None, ["loss.chunk_size=7"]).loss, "cuda") == 7

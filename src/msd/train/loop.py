@@ -147,7 +147,8 @@ class Stepper:
         self.cfg, self.run, self.items, self.tokenizer = cfg, run, items, tokenizer
         self.cached, self.refusal_check, self.loss_fn = cached, refusal_check, loss_fn
         self.spec = LossSpec.of(run.loss_cfg)
-        self.chunk_size = chunk_size_for(run.loss_cfg, run.accelerator.device.type)
+        self.chunk_size = chunk_size_for(run.loss_cfg, run.accelerator.device.type,
+                                         shared_head=run.teacher.frozen is None)
         self.on_cpu = run.accelerator.device.type == "cpu"
         self.bad_in_row = 0
         self.last = None  # (rows, responses, loss output) of the step's last micro-batch

@@ -62,6 +62,19 @@ def shards_weights(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
+def fused_optimizer(params, accelerator, fsdp2: bool) -> bool:
+    """Whether AdamW takes torch's fused kernel: one pass over each parameter, where the
+    default CPU path makes two parameter-sized temporaries per step (sqrt and division), each
+    fresh memory to fault in (for the 43M-parameter benchmark model, 0.45 s of a 3.8 s full
+    fine-tuning step). Plain (or DDP) float parameters on CPU or CUDA only: sharded engines
+    keep torch's default."""
+    from accelerate.utils import DistributedType
+
+    if fsdp2 or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return False
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 def master_weights(model, mixed_precision: str, accelerator):
     """Full fine-tuning keeps float32 weights for the optimizer to update. Fixed bug: with
     bfloat16 weights most AdamW updates at lr ~1e-5 round away (after 2 steps 6% of the
@@ -138,7 +151,8 @@ def prepare(cfg, model, accelerator, n_items: int) -> Run:
         sharding.shard(teacher.frozen, accelerator.device, tc.mixed_precision)
         print(sharding.share_line(model, accelerator), flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=fused_optimizer(params, accelerator, fsdp2))
     micro_per_epoch = n_items // (tc.batch_size * accelerator.num_processes)
     total_steps = tc.max_steps or max(1, tc.epochs * micro_per_epoch // tc.grad_accum)
     scheduler = make_scheduler(optimizer, tc, total_steps)
