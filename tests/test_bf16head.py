@@ -35,9 +35,21 @@ def test_the_error_bound_holds_with_margin():
     head = _head(32_000, 512, 0.05)
     h = torch.randn(16, 512) * 5
     exact = torch.nn.functional.linear(h.double(), head.weight.double())
-    est = torch.mm(h.bfloat16(), head.weight.bfloat16().T).double()
+    est = Bf16Head(head).estimate(h)[0].double()
     bound = ERROR_FACTOR * h.double().norm(dim=-1, keepdim=True) * head.weight.double().norm(dim=1)
     assert ((est - exact).abs() / bound).max() < 0.5
+
+
+def test_packed_weight_gives_the_plain_bfloat16_product():
+    """oneDNN's packed layout (where torch has it) computes the same bfloat16 values as a
+    plain matrix multiply, for any row count."""
+    head = _head(20_000, 96, 0.05)
+    fast = Bf16Head(head, rows=8)
+    if fast.packed is None:
+        pytest.skip("torch without oneDNN's packed linear")
+    for rows in (1, 8, 13):
+        h = torch.randn(rows, 96)
+        assert torch.equal(fast.estimate(h)[0], torch.mm(h.bfloat16(), head.weight.detach().bfloat16().T))
 
 
 def test_ties_go_to_the_lowest_id_and_near_ties_are_resolved_in_float32():

@@ -368,3 +368,14 @@ def test_registered_weighting_works_plain_and_chunked(kind):
             assert_same(run(WrappedHead(student_head), WrappedHead(teacher_head), h_s_BTH, h_t_BTH, mask_BT,
                             chunk_size, spec), expected)
     assert "teacher_top_mass" not in losses.WEIGHTINGS and "hellinger_sq" not in losses.DIVERGENCES
+
+
+def test_in_place_log_softmax_is_bitwise_torchs():
+    """The workspace's log-softmax writes over its input row block by row block; the result is
+    bitwise `torch.log_softmax` (DPSW's 1 - p_S(argmax p_T) is sensitive to its last bit)."""
+    from msd.chunk_kernels import _log_softmax_
+
+    z = torch.randn(21, 5000, generator=torch.Generator().manual_seed(0)) * 7
+    want = torch.log_softmax(z, -1)
+    _log_softmax_(z, torch.empty(2, 8, 5000))
+    assert torch.equal(z, want)

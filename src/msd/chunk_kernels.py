@@ -97,17 +97,17 @@ def chunk_terms(h_s_CH, h_t_CH, s_head: LinearParts, t_head: LinearParts, spec: 
 
 
 def _log_softmax_(z_CV, rows_2RV):
-    """z <- log_softmax(z) in place, R rows at a time through a row block, with no (C, V)
-    temporary. torch's own kernel, so the values are bitwise those of `losses.log_probs`: DPSW's
+    """z <- log_softmax(z) in place, R rows at a time, with no (C, V) temporary (torch's
+    last-dimension kernel reads a row before writing it, so the output may alias the input;
+    tests/test_chunked.py checks the result bitwise). torch's own kernel, so the values are
+    bitwise those of `losses.log_probs`: DPSW's
     1 - p_S(argmax p_T) cancels for confident tokens, and another rounding of log p (an
     exp/sum/log of our own was ~1e-6 off for p near 1) moved such a token's weight by ~1e-3
     relative, enough to send an on-policy run down another path than the plain loss's."""
     R = rows_2RV.shape[1]
     for r0 in range(0, len(z_CV), R):
         rows_RV = z_CV[r0:r0 + R]
-        out_RV = rows_2RV[0, : len(rows_RV)]
-        torch.log_softmax(rows_RV, -1, out=out_RV)
-        rows_RV.copy_(out_RV)
+        torch.log_softmax(rows_RV, -1, out=rows_RV)
 
 
 def _chunk_terms_in_place(h_s_CH, h_t_CH, s_head, t_head, spec, entry: Divergence,

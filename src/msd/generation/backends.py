@@ -192,7 +192,8 @@ def loop(model, prompts, s: Sampling):
     fast = bf16head.usable_for(head, s.temperature, s.top_p, s.top_k, s.return_logprobs)
     # The head's bfloat16 copy is made once per call (the head may train between calls).
     return in_batches(model, prompts, s, functools.partial(
-        loop_batch, split=split, fast_head=bf16head.Bf16Head(head) if fast else None))
+        loop_batch, split=split,
+        fast_head=bf16head.Bf16Head(head, rows=min(len(prompts), s.batch_size) * s.num_samples) if fast else None))
 
 
 @BACKENDS.register("hf")

@@ -35,12 +35,14 @@ from __future__ import annotations
 import torch
 
 from msd.generation.sampler import draw
+from msd.memory import trim_heap
 
 ERROR_FACTOR = 2.0 ** -6  # c above
 MAX_CANDIDATE_SHARE = 1 / 16  # greedy: more candidates than this share of V: the row goes float32
 MAX_SAMPLING_DELTA = 0.5  # sampling: delta / T above this (acceptance < e^-1): the row goes float32
 MAX_PROPOSALS = 64  # sampling: rows still rejected after this many proposals go float32
 BLOCK = 1024  # ids per block of the candidate search
+PACK_BLOCK_BYTES = 16 << 20  # the packed bfloat16 weight is built in vocabulary blocks of this size
 
 def usable(head: torch.nn.Linear) -> bool:
     """Whether `head` gains from the bfloat16 estimate: float32 weights on a CPU with native
@@ -57,21 +59,26 @@ def usable(head: torch.nn.Linear) -> bool:
 class Bf16Head:
     """A float32 linear head with its bfloat16 copy, for the decode steps of one generate call."""
 
-    def __init__(self, head: torch.nn.Linear):
+    def __init__(self, head: torch.nn.Linear, rows: int = 8):
         with torch.no_grad():
             self.weight_VH = head.weight.detach()
             self.bias_V = head.bias.detach() if head.bias is not None else None
-            self.low_VH = self.weight_VH.to(torch.bfloat16)
             self.w_norm = float(self.weight_VH.norm(dim=1).max())
+            self.packed = _packed(self.weight_VH, rows)
+            self.low_VH = None if self.packed is not None else self.weight_VH.to(torch.bfloat16)
         self._out = None  # the (B, V) estimate's block
 
     def estimate(self, h_BH: torch.Tensor):
-        """(z~ (B, V), delta (B,)): the bfloat16 logits (float32 with a bias) and their bound.
-        Without a bias z~ is written into a block reused while the row count stays the same."""
-        B, V = len(h_BH), self.low_VH.shape[0]
-        if self._out is None or self._out.shape[0] != B:
+        """(z~ (B, V), delta (B,)): the bfloat16 logits (float32 with a bias) and their bound."""
+        h_low_BH = h_BH.to(torch.bfloat16)
+        B, V = len(h_BH), self.weight_VH.shape[0]
+        if self._out is None or self._out.shape[0] != B:  # reused while the row count stays
             self._out = torch.empty(B, V, dtype=torch.bfloat16)
-        z_BV = torch.mm(h_BH.to(torch.bfloat16), self.low_VH.T, out=self._out)
+        if self.packed is not None:
+            z_BV = torch.cat([torch.ops.mkldnn._linear_pointwise(h_low_BH, block, None, "none", [], "")
+                              for block in self.packed], 1, out=self._out)
+        else:
+            z_BV = torch.mm(h_low_BH, self.low_VH.T, out=self._out)
         if self.bias_V is not None:
             z_BV = z_BV.float().add_(self.bias_V)
         return z_BV, ERROR_FACTOR * h_BH.float().norm(dim=-1) * self.w_norm
@@ -109,9 +116,11 @@ class Bf16Head:
         the module text). out_BV: a float32 (B, V) buffer for the proposal weights."""
         z_BV, delta_B = self.estimate(h_BH)
         q_BV = out_BV if out_BV is not None else torch.empty(z_BV.shape, dtype=torch.float32)
-        q_BV.copy_(z_BV)
-        m_B1 = q_BV.amax(-1, keepdim=True)
-        q_BV.sub_(m_B1).div_(temperature).exp_()
+        m_B1 = z_BV.amax(-1, keepdim=True).float()
+        torch.sub(z_BV, m_B1, out=q_BV)  # in float32
+        if temperature != 1.0:
+            q_BV.div_(temperature)
+        q_BV.exp_()
         slack_B = delta_B.double() * (1 + 1e-6) + 1e-12  # delta, rounded up
         out_B = torch.full((len(h_BH),), -1, dtype=torch.long)
         todo = (delta_B / temperature <= MAX_SAMPLING_DELTA).nonzero().squeeze(-1)  # NaN: no
@@ -132,6 +141,30 @@ class Bf16Head:
             w_RV = (z_RV - z_RV.amax(-1, keepdim=True)).exp_()
             out_B[redo] = draw(w_RV, generator)
         return out_B
+
+
+def _packed(weight_VH: torch.Tensor, rows: int):
+    """The weight in bfloat16, in oneDNN's blocked layout for its matrix multiply, as a list of
+    vocabulary blocks of at most PACK_BLOCK_BYTES each (converted and packed one at a time, so
+    building it never holds a second bfloat16 copy); None where torch lacks the operators.
+    Packed once, the product runs about 2x faster for a few rows (8 rows of the benchmark head:
+    5.8 ms against 11.9 ms) and gives the same values."""
+    V, H = weight_VH.shape
+    step = max(1024, PACK_BLOCK_BYTES // (2 * H))
+    blocks = []
+    try:
+        for v0 in range(0, V, step):
+            low = weight_VH[v0:v0 + step].to(torch.bfloat16)
+            blocks.append(torch.ops.mkldnn._reorder_linear_weight(low, rows))
+            del low
+        trim_heap()  # the conversions' freed blocks
+        probe = torch.ops.mkldnn._linear_pointwise(weight_VH[:1].to(torch.bfloat16), blocks[0], None,
+                                                   "none", [], "")
+        if probe.shape != (1, min(step, V)) or probe.dtype != torch.bfloat16:
+            return None
+        return blocks
+    except (AttributeError, RuntimeError, TypeError):
+        return None
 
 
 def usable_for(head: torch.nn.Linear, temperature: float, top_p: float, top_k: int,

@@ -25,7 +25,7 @@ from msd import fingerprint, limits
 from msd.errors import MsdError
 from msd.io import atomic_write_text, ensure_writable_dir
 from msd.losses import LossSpec
-from msd.memory import trim_heap
+from msd.memory import steady_heap, trim_heap
 from msd.models import load_model_and_tokenizer
 from msd.scoring import msd_batch_loss
 from msd.train import checkpoint, dist_checkpoint, logs, responses, sharding
@@ -150,6 +150,8 @@ class Stepper:
         self.chunk_size = chunk_size_for(run.loss_cfg, run.accelerator.device.type,
                                          shared_head=run.teacher.frozen is None)
         self.on_cpu = run.accelerator.device.type == "cpu"
+        if self.on_cpu:
+            steady_heap()
         self.bad_in_row = 0
         self.last = None  # (rows, responses, loss output) of the step's last micro-batch
 
