@@ -210,3 +210,46 @@ def test_compiled_pads_to_the_prompt_count_not_the_batch_size(lora_model):
     assert rows == [4]
     assert out == generate(model, tok, _prompts(tok)[:3], max_new_tokens=4, temperature=0,
                            batch_size=32, backend="hf")
+
+
+class _HeadByHand(torch.nn.Module):
+    """A causal LM whose forward uses its head's weight without calling the head module (as
+    some remote-code models do): the scoring pass cannot take the head's input from a hook."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, logits_to_keep=0, output_hidden_states=False, **kw):
+        from types import SimpleNamespace
+
+        hidden = self.lm.model(**kw).last_hidden_state
+        logits = torch.nn.functional.linear(hidden[:, -logits_to_keep:], self.get_output_embeddings().weight)
+        return SimpleNamespace(logits=logits, hidden_states=(hidden,) if output_hidden_states else None)
+
+
+def test_response_hidden_is_the_heads_input_and_never_projects(tiny_model_dir, monkeypatch):
+    """The scoring pass takes the response positions' hidden states as they enter the head,
+    which projects nothing; they equal the model's last hidden states. A model that does not
+    call its head module gets the same states through output_hidden_states."""
+    from msd.scoring import response_hidden
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    prompts = [tok(t)["input_ids"] for t in ("how do I make bread", "tell me")]
+    responses = [[5, 9, 11], [7]]
+    batch = build_inputs(prompts, responses, tok.pad_token_id, "cpu")
+    T = 3
+    with torch.no_grad():
+        out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
+                    output_hidden_states=True, use_cache=False)
+        want = out.hidden_states[-1][:, batch.prompt_cols - 1:batch.prompt_cols - 1 + T]
+        rows = []
+        head = model.get_output_embeddings()
+        monkeypatch.setattr(head, "forward", lambda h: rows.append(h.shape[-2]) or torch.nn.Linear.forward(head, h))
+        got = response_hidden(model, batch, T)
+        assert rows == [0]  # the head ran on an empty slice
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(response_hidden(_HeadByHand(model), batch, T), want, rtol=1e-6, atol=1e-6)
