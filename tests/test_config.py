@@ -158,7 +158,7 @@ def test_auto_chunk_size_depends_on_the_device():
 
     auto = load_config(None, []).loss
     assert auto.chunk_size == -1
-    assert chunk_size_for(auto, "cpu") == 32 and chunk_size_for(auto, "cuda") == 512
+    assert chunk_size_for(auto, "cpu") == 48 and chunk_size_for(auto, "cuda") == 512
     assert chunk_size_for(auto, "cpu", shared_head=False) == 64
     assert chunk_size_for(auto, "cuda", shared_head=False) == 512
     fixed = load_config(None, ["loss.chunk_size=0"]).loss

@@ -18,13 +18,11 @@ import inspect
 import torch
 
 from msd import families
-from msd.memory import trim_heap
 from msd.generation.weights import is_peft, is_sharded
 
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                         "output_multiplier", "lm_head_multiplier")
 SAMPLE_BLOCK = 1024  # inverse-CDF sampling: vocabulary block size of the two-level search
-TRIM_EVERY = 8  # CPU: decode steps between heap trims
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -201,10 +199,7 @@ def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperatu
     done_B = torch.zeros(h_BH.shape[0], dtype=torch.bool, device=ids_BP.device)
     toks, logps = [], []
     buffers = DecodeBuffers(h_BH.shape[0], head, logits=fast_head is None)
-    on_cpu = h_BH.device.type == "cpu"
     for g in range(max_new_tokens):
-        if on_cpu and g % TRIM_EVERY == TRIM_EVERY - 1:
-            trim_heap()  # the growing KV cache's and the steps' freed blocks (msd.memory)
         if fast_head is not None and temperature <= 0:
             tok_B = fast_head.argmax(h_BH)
         elif fast_head is not None:
