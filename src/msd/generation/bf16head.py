@@ -117,7 +117,7 @@ class Bf16Head:
         z_BV, delta_B = self.estimate(h_BH)
         q_BV = out_BV if out_BV is not None else torch.empty(z_BV.shape, dtype=torch.float32)
         m_B1 = z_BV.amax(-1, keepdim=True).float()
-        torch.sub(z_BV, m_B1, out=q_BV)  # in float32
+        q_BV.copy_(z_BV).sub_(m_B1)  # in float32, with no (B, V) temporary
         if temperature != 1.0:
             q_BV.div_(temperature)
         q_BV.exp_()
