@@ -63,6 +63,25 @@ def test_ties_go_to_the_lowest_id_and_near_ties_are_resolved_in_float32():
     assert torch.equal(Bf16Head(head).argmax(h), want)
 
 
+def test_near_ties_bfloat16_cannot_tell_apart_are_settled_in_float32():
+    """Each row's best id gets a rival whose weight differs by 1e-4 relative noise: the plain
+    bfloat16 argmax picks the wrong one on many rows; the certified argmax never does (a floor
+    narrower than the bound, e.g. ERROR_FACTOR = 0, misses some)."""
+    torch.manual_seed(0)
+    head = _head(50_000, 256, 0.05)
+    h = torch.randn(64, 256)
+    with torch.no_grad():
+        best = torch.nn.functional.linear(h, head.weight).argmax(-1)
+        rivals = torch.randperm(50_000)[:64]
+        for b, r in zip(best.tolist(), rivals.tolist()):
+            if r != b:
+                head.weight[r] = head.weight[b] + 1e-4 * torch.randn(256) * head.weight[b].abs().mean()
+    want = torch.nn.functional.linear(h, head.weight).argmax(-1)
+    plain = torch.mm(h.bfloat16(), head.weight.detach().bfloat16().T).float().argmax(-1)
+    assert int((plain != want).sum()) >= 5  # the case is really exercised
+    assert torch.equal(Bf16Head(head).argmax(h), want)
+
+
 def test_rows_the_bound_cannot_settle_go_float32():
     """Huge or non-finite hidden states: the candidate search gives up and the row is projected
     in float32 (the result is still the float32 argmax, NaN rows included)."""

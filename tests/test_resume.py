@@ -206,3 +206,21 @@ def test_interrupted_teacher_sampling_resumes_with_the_same_samples(
     want = {r["key"]: r["samples"] for r in map(json.loads, lines)}
     assert got == want
     assert_same_weights(final_weights(run), final_weights(off_policy_reference))
+
+
+def test_resuming_keeps_the_runs_fused_optimizer(tmp_path):
+    """A checkpoint written by an unfused AdamW (as before fused became the default) resumes
+    into the run's fused one: the file's `fused` flag does not overwrite the run's choice, and
+    the moments are restored."""
+    from msd.train import checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    old.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(old, lambda s: 1.0)
+    path = checkpoint.save_checkpoint(tmp_path, 1, model, old, sched, {})
+    new = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    checkpoint.load_checkpoint(path, model, new, torch.optim.lr_scheduler.LambdaLR(new, lambda s: 1.0))
+    assert new.param_groups[0]["fused"] is True
+    torch.testing.assert_close(new.state[model.weight]["exp_avg"], old.state[model.weight]["exp_avg"])

@@ -248,8 +248,22 @@ def test_response_hidden_is_the_heads_input_and_never_projects(tiny_model_dir, m
         want = out.hidden_states[-1][:, batch.prompt_cols - 1:batch.prompt_cols - 1 + T]
         rows = []
         head = model.get_output_embeddings()
-        monkeypatch.setattr(head, "forward", lambda h: rows.append(h.shape[-2]) or torch.nn.Linear.forward(head, h))
+        monkeypatch.setattr(head, "forward",
+                            lambda input: rows.append(input.shape[-2]) or torch.nn.Linear.forward(head, input))
         got = response_hidden(model, batch, T)
         assert rows == [0]  # the head ran on an empty slice
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(response_hidden(_HeadByHand(model), batch, T), want, rtol=1e-6, atol=1e-6)
+        rows.clear()
+        torch.testing.assert_close(response_hidden(_HeadByKeyword(model), batch, T), want, rtol=1e-6, atol=1e-6)
+        assert rows == [0]  # called with input=..., still handed an empty slice
+
+
+class _HeadByKeyword(_HeadByHand):
+    """Calls its head with a keyword argument and ignores logits_to_keep (every position)."""
+
+    def forward(self, logits_to_keep=0, output_hidden_states=False, **kw):
+        from types import SimpleNamespace
+
+        hidden = self.lm.model(**kw).last_hidden_state
+        return SimpleNamespace(logits=self.get_output_embeddings()(input=hidden), hidden_states=None)

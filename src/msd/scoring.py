@@ -67,23 +67,30 @@ def response_hidden(model, batch: Batch, T: int) -> torch.Tensor:
     through a batched matmul with the weight expanded per row), and `output_hidden_states`
     would keep every layer's states alive. A model whose forward does not call its head module
     falls back to `output_hidden_states`."""
+    P = batch.prompt_cols
     taken: list[torch.Tensor] = []
 
-    def take(_head, args):
-        taken.append(args[0])
-        return (args[0][..., :0, :],) + tuple(args[1:])
+    def take(_head, args, kwargs):
+        h = args[0] if args else kwargs.get("input")
+        if not isinstance(h, torch.Tensor) or h.dim() != 3:
+            return None  # not a call we know: leave it alone
+        taken.append(h)
+        empty = h[..., :0, :]
+        return ((empty,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": empty})
 
-    handle = output_head(model).register_forward_pre_hook(take)
+    handle = output_head(model).register_forward_pre_hook(take, with_kwargs=True)
     try:
-        out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
-                    use_cache=False, logits_to_keep=T + 1, output_hidden_states=False)
+        model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
+              use_cache=False, logits_to_keep=T + 1, output_hidden_states=False)
     finally:
         handle.remove()
-    if taken and taken[0].dim() == 3 and taken[0].shape[1] == T + 1:
+    if taken and taken[0].shape[1] == T + 1:
         return taken[0][:, :T]
+    if taken and taken[0].shape[1] == batch.ids_BS.shape[1]:  # a model that ignores logits_to_keep
+        return taken[0][:, P - 1:P - 1 + T]
+    taken.clear()  # nothing of the first forward is kept while the second runs
     out = model(input_ids=batch.ids_BS, attention_mask=batch.mask_BS, position_ids=batch.pos_BS,
                 output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    P = batch.prompt_cols
     return out.hidden_states[-1][:, P - 1:P - 1 + T]
 
 

@@ -79,9 +79,11 @@ class Bf16Head:
                               for block in self.packed], 1, out=self._out)
         else:
             z_BV = torch.mm(h_low_BH, self.low_VH.T, out=self._out)
-        if self.bias_V is not None:
+        delta_B = ERROR_FACTOR * h_BH.float().norm(dim=-1) * self.w_norm
+        if self.bias_V is not None:  # + the rounding of the float32 sum z~ + b
             z_BV = z_BV.float().add_(self.bias_V)
-        return z_BV, ERROR_FACTOR * h_BH.float().norm(dim=-1) * self.w_norm
+            delta_B = delta_B + 2.0 ** -22 * (z_BV.abs().amax(-1) + self.bias_V.abs().max())
+        return z_BV, delta_B
 
     def exact(self, h_NH: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
         """(N,) float32 logits of id ids_N[n] for hidden state h_NH[n]."""

@@ -184,6 +184,8 @@ def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperatu
     project through its bfloat16 copy with float32 results (greedy or plain temperature
     sampling)."""
     backbone, head, cache_kw = split
+    if fast_head is not None and logprobs:
+        raise ValueError("decode_loop: the bfloat16 head returns no log-probs; pass logprobs=False")
     cache = _new_cache(model)
     pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP, use_cache=True,

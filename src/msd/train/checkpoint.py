@@ -144,7 +144,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     try:
         load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+        fused = [group.get("fused") for group in optimizer.param_groups]
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        for group, flag in zip(optimizer.param_groups, fused):  # the run's choice, not the file's
+            group["fused"] = flag
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return read_state(path)
