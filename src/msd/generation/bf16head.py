@@ -32,6 +32,9 @@ Shapes: B rows, H hidden size, V vocabulary, N candidates, K ids per block.
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 
 from msd.generation.sampler import draw
@@ -50,7 +53,16 @@ def usable(head: torch.nn.Linear) -> bool:
     w = head.weight
     if w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[0] < 4096:
         return False
+    return _native_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    """x86: AVX512-BF16 or AMX (oneDNN emulates bfloat16 on plain AVX-512, without the gain);
+    elsewhere whatever oneDNN reports."""
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
