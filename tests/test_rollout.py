@@ -267,3 +267,20 @@ class _HeadByKeyword(_HeadByHand):
 
         hidden = self.lm.model(**kw).last_hidden_state
         return SimpleNamespace(logits=self.get_output_embeddings()(input=hidden), hidden_states=None)
+
+
+def test_project_adds_the_bias_once_into_buffers_or_not():
+    """The decode loop's projection equals the head's own call (bias included once), written
+    into reused buffers or not."""
+    from msd.generation.sampler import DecodeBuffers, project
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300)
+    h = torch.randn(5, 16)
+    want = head(h).detach()
+    buffers = DecodeBuffers(5, head, logits=True, weights=False)
+    with torch.no_grad():
+        torch.testing.assert_close(project(h, head), want)
+        torch.testing.assert_close(project(h, head, buffers), want)
+        assert project(h, head, buffers).data_ptr() == buffers.z_BV.data_ptr()
+        torch.testing.assert_close(project(h[:3], head, buffers), want[:3])  # other row count

@@ -188,12 +188,11 @@ def loop(model, prompts, s: Sampling):
     split = split_head(model)
     if split is None:
         return hf(model, prompts, s)
-    head = split[1]
-    fast = bf16head.usable_for(head, s.temperature, s.top_p, s.top_k, s.return_logprobs)
-    # The head's bfloat16 copy is made once per call (the head may train between calls).
-    return in_batches(model, prompts, s, functools.partial(
-        loop_batch, split=split,
-        fast_head=bf16head.Bf16Head(head, rows=min(len(prompts), s.batch_size) * s.num_samples) if fast else None))
+    head, fast_head = split[1], None
+    if bf16head.usable_for(head, s.temperature, s.top_p, s.top_k, s.return_logprobs):
+        # Made once per call: the head may train between calls.
+        fast_head = bf16head.Bf16Head(head, rows=min(len(prompts), s.batch_size) * s.num_samples)
+    return in_batches(model, prompts, s, functools.partial(loop_batch, split=split, fast_head=fast_head))
 
 
 @BACKENDS.register("hf")

@@ -134,32 +134,32 @@ def split_head(model):
 
 
 class DecodeBuffers:
-    """The (B, V) blocks one decode step needs, allocated once per rollout and reused: a fresh
-    block every step lets small allocations settle in the freed ones, and the heap then grows
-    by tens of MB over a rollout (docs/PERFORMANCE.md)."""
+    """The (B, V) blocks one CPU decode step needs, allocated once per rollout and reused: a
+    fresh block every step lets small allocations settle in the freed ones, and the heap then
+    grows by tens of MB over a rollout (docs/PERFORMANCE.md). logits: the float32 projection's
+    two blocks; weights: the sampler's block of unnormalised probabilities."""
 
-    def __init__(self, rows: int, head: torch.nn.Linear, logits: bool = True):
+    def __init__(self, rows: int, head: torch.nn.Linear, *, logits: bool, weights: bool):
         V, dtype, device = head.weight.shape[0], head.weight.dtype, head.weight.device
         on = dtype == torch.float32 and device.type == "cpu"
-        self.t_VB = torch.empty(V, rows, dtype=dtype, device=device) if on and logits else None
-        self.z_BV = torch.empty(rows, V, dtype=dtype, device=device) if on and logits else None
-        self.w_BV = torch.empty(rows, V, dtype=torch.float32, device=device) if on else None
+        self.t_VB = torch.empty(V, rows, dtype=dtype) if on and logits else None
+        self.z_BV = torch.empty(rows, V, dtype=dtype) if on and logits else None
+        self.w_BV = torch.empty(rows, V, dtype=torch.float32) if on and weights else None
 
 
 def project(h_BH: torch.Tensor, head: torch.nn.Linear, buffers: DecodeBuffers | None = None) -> torch.Tensor:
-    """(B, V) float32 logits of a few rows. On CPU as (W h^T)^T, which MKL runs 2-3x faster."""
+    """(B, V) float32 logits of a few rows. On CPU as (W h^T)^T, which MKL runs 2-3x faster,
+    into `buffers` when they fit. Fixed bug: off CPU the bias was added twice (the head's call
+    adds it already)."""
+    if h_BH.device.type != "cpu":
+        return head(h_BH).float()
+    weight_VH, h_BH = head.weight, h_BH.to(head.weight.dtype)
     if buffers is not None and buffers.t_VB is not None and buffers.t_VB.shape[1] == len(h_BH):
-        torch.mm(head.weight, h_BH.to(head.weight.dtype).T, out=buffers.t_VB)
-        logits_BV = buffers.z_BV.copy_(buffers.t_VB.T)
-        if head.bias is not None:
-            logits_BV.add_(head.bias)
-        return logits_BV
-    if h_BH.device.type == "cpu":
-        logits_BV = (head.weight @ h_BH.to(head.weight.dtype).T).T.contiguous()
+        logits_BV = buffers.z_BV.copy_(torch.mm(weight_VH, h_BH.T, out=buffers.t_VB).T)
     else:
-        logits_BV = head(h_BH)
+        logits_BV = (weight_VH @ h_BH.T).T.contiguous()
     if head.bias is not None:
-        logits_BV = logits_BV + head.bias
+        logits_BV.add_(head.bias)
     return logits_BV.float()
 
 
@@ -200,7 +200,8 @@ def decode_loop(model, split, ids_BP, mask_BP, *, max_new_tokens: int, temperatu
     eos_t = torch.tensor(sorted(eos) or [-1], device=ids_BP.device)
     done_B = torch.zeros(h_BH.shape[0], dtype=torch.bool, device=ids_BP.device)
     toks, logps = [], []
-    buffers = DecodeBuffers(h_BH.shape[0], head, logits=fast_head is None)
+    buffers = DecodeBuffers(h_BH.shape[0], head, logits=fast_head is None,
+                            weights=fast_head is None or temperature > 0)
     for g in range(max_new_tokens):
         if fast_head is not None and temperature <= 0:
             tok_B = fast_head.argmax(h_BH)
