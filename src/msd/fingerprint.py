@@ -63,6 +63,8 @@ def model_identity(name_or_path: str | None) -> dict | None:
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir():
         return {"path": str(path.resolve()), "sha": folder_sha(path)}
+    if path.is_file():  # a GGUF file: known by its content
+        return {"path": str(path.resolve()), "sha": file_sha(path)}
     return {"path": str(name_or_path), "sha": None}
 
 
@@ -104,7 +106,8 @@ def training_identity(cfg) -> dict:
     from msd.textsetting import read_text_setting
 
     source = Path(cfg.data.source).expanduser()
-    model = model_identity(cfg.model.name_or_path)
+    gguf_file = getattr(cfg.model, "gguf_file", None)
+    model = model_identity(str(Path(cfg.model.name_or_path) / gguf_file) if gguf_file else cfg.model.name_or_path)
     templates = {key: text_sha(read_text_setting(value, key)) if value else None
                  for key, value in (("model.chat_template", cfg.model.chat_template),
                                     ("prompt.teacher_template", cfg.prompt.teacher_template))}

@@ -182,3 +182,51 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise MsdError(f"output folder is not writable ({e.strerror or e})", str(path)) from None
     return path
+
+
+def build_once(final: Path, build, complete) -> Path:
+    """`final`, built by `build(tmp_folder)` unless `complete(final)` already holds.
+
+    The build writes a temporary folder beside `final`, which is renamed into place, so an
+    interrupted build never leaves a half-written folder; a lock file makes a second process
+    wait for a build in progress and reuse it instead of building it again. Used for what msd
+    caches: the model organism, converted GGUF models, downloaded model sources.
+    """
+    final = Path(final)
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.parent / f".{final.name}.lock"):
+        if not complete(final):  # another process may have built it while we waited
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.build-"))
+            try:
+                build(tmp)
+                atomic_replace_dir(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class _file_lock:
+    """An exclusive `flock` on `path` for the `with` block (no lock where flock is missing:
+    a concurrent build then only wastes time)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.file = open(self.path, "a")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()

@@ -16,6 +16,7 @@ import torch
 
 from msd.errors import MsdError
 from msd.generation.weights import is_peft
+from msd.gguf import converted_folder, gguf_in
 from msd.prompts import load_chat_template
 from msd.registry import Registry
 from msd.safeload import check_adapter_folder, check_model_folder
@@ -35,15 +36,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A registered model source (e.g. 'organism') -> its folder; local folders are checked;
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """A registered model source (e.g. 'organism', 'smollm2') -> its folder; a GGUF file (or a
+    folder and `gguf_file`) -> its converted folder (`msd.gguf`); local folders are checked;
     anything else is taken as a hub id."""
-    if name_or_path in MODEL_SOURCES:
+    if name_or_path in MODEL_SOURCES and not gguf_file:
         return str(MODEL_SOURCES.get(name_or_path)())
     path = Path(name_or_path).expanduser()
+    gguf = gguf_in(path, gguf_file)
+    if gguf is not None:
+        return str(converted_folder(gguf))
     if path.exists():
-        if not path.is_dir():
-            raise MsdError("model path is a file; expected a Hugging Face model folder", name_or_path)
         check_model_folder(path)  # safetensors checked per file, JSON files readable
         return str(path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -76,7 +79,7 @@ def load_tokenizer(path: str, model_cfg):
 def load_model_and_tokenizer(model_cfg, adapter: str | None = None, device=None):
     """Load a causal LM (safetensors only, remote code off unless asked) and its tokenizer.
     `model_cfg` is a `msd.config.ModelConfig` (or anything with its fields)."""
-    path = resolve_model_path(model_cfg.name_or_path)
+    path = resolve_model_path(model_cfg.name_or_path, getattr(model_cfg, "gguf_file", None))
     tokenizer = load_tokenizer(path, model_cfg)
     return load_model(model_cfg, adapter, device, path=path), tokenizer
 
@@ -86,7 +89,7 @@ def load_model(model_cfg, adapter: str | None = None, device=None, *, path: str 
     vocabulary's tokenizer holds tens of MB); `path`: `model_cfg.name_or_path` resolved."""
     from transformers import AutoModelForCausalLM
 
-    path = path or resolve_model_path(model_cfg.name_or_path)
+    path = path or resolve_model_path(model_cfg.name_or_path, getattr(model_cfg, "gguf_file", None))
     kwargs = dict(dtype=resolve_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code,
                   use_safetensors=True)
     if model_cfg.attn_implementation:

@@ -4,7 +4,7 @@ A plugin is a module that, when imported, registers what it brings (languages, d
 model source, a judge, a model family...). msd loads, once and before the first registry
 lookup:
 
-- the bundled plugins (`BUNDLED`: the model organism), and
+- the bundled plugins (`BUNDLED`: the model organism, the `smollm2` model source), and
 - every module named by an installed package's entry points in the group `msd.plugins`:
 
       [project.entry-points."msd.plugins"]
@@ -20,7 +20,7 @@ import importlib
 import os
 import warnings
 
-BUNDLED = ("msd.organism.plugin",)
+BUNDLED = ("msd.organism.plugin", "msd.sources.smollm2")
 GROUP = "msd.plugins"
 
 _state = {"loaded": False}

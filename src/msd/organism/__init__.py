@@ -17,15 +17,12 @@ oracle judge in msd's registries, like any installed plugin would. The core neve
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from msd.data import QueryTuple
 from msd.errors import MsdError
-from msd.io import cache_root
+from msd.io import build_once, cache_root
 from msd.organism import world
 
 LANGUAGES = {role: world.role_codes(role) for role in ("english", "safe", "trained", "unseen")}
@@ -106,49 +103,15 @@ def ensure_organism(cache_dir: str | os.PathLike | None = None, progress: bool =
     interrupted build never leaves a half-written model behind; a lock file makes a second
     process wait for a build in progress and reuse it instead of building it again.
     """
-    from msd.organism.pretrain import Recipe, recipe_hash
+    from msd.organism.pretrain import Recipe, build, recipe_hash
 
     recipe = recipe or Recipe()
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    final = root / recipe_hash(recipe)
-    if _complete(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{final.name}.lock"):
-        if not _complete(final):  # another process may have built it while we waited
-            _build_into(recipe, final, progress)
-    return final
+    return build_once(root / recipe_hash(recipe), lambda tmp: build(recipe, tmp, progress=progress), _complete)
 
 
 def _complete(folder: Path) -> bool:
     return (folder / "organism.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def _build_into(recipe, final: Path, progress: bool) -> None:
-    from msd.io import atomic_replace_dir
-    from msd.organism.pretrain import build
-
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.build-"))
-    try:
-        build(recipe, tmp, progress=progress)
-        atomic_replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, a concurrent build only wastes time
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 __all__ = ["LANGUAGES", "SPLITS", "ensure_organism", "training_queries", "eval_queries"]
