@@ -30,6 +30,7 @@ from msd.demo.steps import (DEMO_CONFIG, METRIC_KEYS, check_acceptance, demo_con
 __all__ = ["ABLATIONS", "DEMO_CONFIG", "METRIC_KEYS", "ablation_row", "ablation_table", "add_parser",
            "check_acceptance", "demo_config", "evaluate_splits", "run", "run_ablations", "run_demo",
            "summarize", "train_variant"]
+from msd.demo.real import REAL_DEMOS
 from msd.demo.summary import plot, print_table, write_report
 from msd.errors import MsdError
 
@@ -128,6 +129,9 @@ def add_parser(subparsers) -> None:
                     "MSD with DPSW on the low-resource training languages; evaluate again; write "
                     "summary.json, report.md and a plot into --out.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--model", default="organism", choices=["organism", *REAL_DEMOS],
+                   help="organism (default: the embedded model organism) or a real pretrained chat "
+                        "model: smollm2 (SmolLM2-135M-Instruct on PolyRefuse; docs/REAL_MODEL.md)")
     p.add_argument("--ablations", action="store_true",
                    help="also rerun the paper's comparisons (on/off-policy, DPSW/uniform, "
                         "rkl/fkl/jsd, teacher contexts, top-K) and write ablations.md")
@@ -156,6 +160,18 @@ def run(args) -> int:
         raise MsdError("may not be empty (name the demo folder)", "--out")
     from msd.lock import output_lock
 
+    if args.model != "organism":
+        if args.ablations or args.eval_limit is not None or args.cache_dir:
+            raise MsdError("--ablations, --eval-limit and --cache-dir are options of the organism demo",
+                           "--model")
+        from msd.demo.real import run_real_demo
+        from msd.organism.pretrain import auto_threads, torch_threads
+
+        with output_lock(args.out), torch_threads(auto_threads()):
+            summary = run_real_demo(args.model, Path(args.out), seed=args.seed, overrides=args.overrides,
+                                    progress=not args.quiet, baselines=args.baselines)
+        failed = not all(c["pass"] for c in summary["checks"])
+        return 1 if args.strict and failed else 0
     with output_lock(args.out):  # one writer per folder
         summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
                            eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,

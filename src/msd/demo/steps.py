@@ -17,9 +17,14 @@ METRIC_KEYS = ("asr", "unsafe", "invalid", "benign_refusal", "fidelity", "n")
 def demo_config(out_dir: Path, seed: int = 0, overrides=()):
     """The demo's Config: DEMO_CONFIG with this run's seed and folder, then `overrides` (dotted
     strings or a dict)."""
+    return demo_config_from(DEMO_CONFIG, out_dir, seed, overrides)
+
+
+def demo_config_from(path: Path, out_dir: Path, seed: int = 0, overrides=()):
+    """A demo's Config: the YAML at `path` with this run's seed and folder, then `overrides`."""
     from msd import config
 
-    cfg = config.load_config(DEMO_CONFIG)
+    cfg = config.load_config(path)
     items = {"train.seed": seed, "train.output_dir": str(out_dir)}
     if isinstance(overrides, dict):
         items.update(overrides)
@@ -116,14 +121,18 @@ def check_acceptance(summary: dict) -> list[dict]:
     return rows
 
 
-def train_variant(cfg, tuples, progress: bool = True):
-    """Load the organism afresh and run MSD with `cfg`. Returns (TrainResult, seconds)."""
+def train_variant(cfg, tuples, progress: bool = True, refusal_check=None):
+    """Load the model afresh and run MSD with `cfg`. Returns (TrainResult, seconds).
+    `refusal_check(text, lang)` feeds the logged refusal rate (default: the organism's oracle)."""
     from msd.models import load_model_and_tokenizer
-    from msd.organism import oracle
     from msd.train import train
 
+    if refusal_check is None:
+        from msd.organism import oracle
+
+        refusal_check = lambda text, lang: oracle.is_refusal(text)  # noqa: E731
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     t0 = time.time()
     result = train(cfg, model=model, tokenizer=tokenizer, tuples=tuples, progress=progress,
-                   resume=False, refusal_check=lambda text, lang: oracle.is_refusal(text))
+                   resume=False, refusal_check=refusal_check)
     return result, time.time() - t0

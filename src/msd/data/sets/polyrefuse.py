@@ -37,3 +37,6 @@ DATASETS.register("polyrefuse-harmful", DatasetSpec(
 DATASETS.register("polyrefuse-harmless", DatasetSpec(
     lambda: load("harmless", HARMLESS_LANGS), lambda: list(HARMLESS_LANGS),
     "PolyRefuse harmless test: 500 benign prompts x 13 languages (over-refusal)"))
+DATASETS.register("polyrefuse", DatasetSpec(
+    lambda: load("harmful", HARMFUL_LANGS) + load("harmless", HARMLESS_LANGS), lambda: list(HARMLESS_LANGS),
+    "PolyRefuse harmful + harmless test prompts (meta 'harmful' tells which), for training on both"))

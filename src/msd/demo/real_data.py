@@ -1,0 +1,183 @@
+"""The real-model demo's data and measurements: the held-out split, the evaluations (keyword
+judge), the base model's reference answers and their log-likelihood (kept capability).
+
+Kept capability [ours]: a 135M model solves almost no task, so a task score would measure
+nothing. Instead: the base model answers the benign held-out prompts (greedy, the "before"
+records), and we measure the mean log-probability per token of those answers under the model
+before and after MSD. A model that keeps its benign behaviour keeps that likelihood; a model
+damaged by training (or one that learnt to refuse everything) loses it. It needs no judge and
+no generation after training, and it is measured on the same prompts in every language.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from msd.data import QueryTuple
+
+
+@dataclass
+class DemoData:
+    train: list[QueryTuple]  # what training receives (it takes its own split of these)
+    train_ids: set[str]  # the ids training actually uses (split, then data.limit)
+    harmful: list[QueryTuple]  # held-out harmful queries
+    benign: list[QueryTuple]  # held-out harmless queries
+    xstest: list[QueryTuple]  # XSTest safe prompts (English)
+    source: str
+
+    def disjoint(self) -> dict:
+        evaluated = {t.id for t in self.harmful + self.benign}
+        both = sorted(evaluated & self.train_ids)
+        return {"pass": not both, "evaluated_ids": len(evaluated), "train_ids": len(self.train_ids),
+                "overlap": both[:10]}
+
+    def describe(self) -> dict:
+        return {"source": self.source, "train_queries": len(self.train_ids),
+                "heldout_harmful": [t.id for t in self.harmful], "heldout_benign": [t.id for t in self.benign],
+                "xstest_safe": [t.id for t in self.xstest]}
+
+
+def demo_data(cfg, spec, langs: list[str]) -> DemoData:
+    """Held-out queries that have every language in `langs`, by the training config's split."""
+    from msd.data import load_tuples
+    from msd.data.tuples import split
+
+    tuples = load_tuples(cfg.data.source, cfg.data.english)
+    train, held = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
+    if cfg.data.limit:
+        train = train[: cfg.data.limit]
+    complete = [t for t in held if all(t.texts.get(c) for c in langs)]
+    harmful = [t for t in complete if t.meta.get("harmful", True)][: spec.n_harmful]
+    benign = [t for t in complete if not t.meta.get("harmful", True)][: spec.n_benign]
+    xstest = [t for t in load_tuples("xstest") if not t.meta.get("harmful", True)][: spec.n_xstest]
+    return DemoData(tuples, {t.id for t in train}, harmful, benign, xstest, cfg.data.source)
+
+
+def evaluate(model, tokenizer, data: DemoData, langs: list[str], out: Path, spec, seed: int,
+             progress: bool, teacher: str | None = None) -> dict:
+    """lang -> rates with Wilson intervals (held-out harmful + benign; XSTest in English).
+    `teacher`: the teacher context, to evaluate with the teacher prompt instead (not English)."""
+    from msd.eval.judges import get_judge
+    from msd.eval.safety import evaluate as run_eval
+    from msd.prompts import PromptBuilder
+
+    judge = get_judge("keyword")
+    kw = dict(max_new_tokens=spec.max_new_tokens, temperature=0.0, batch_size=spec.batch_size,
+              seed=seed, progress=progress)
+    if teacher:
+        langs = [c for c in langs if c not in spec.english]
+    builder = PromptBuilder(tokenizer, context=teacher or "full")
+    metrics = run_eval(model, tokenizer, data.harmful + data.benign, langs, judge, out / "polyrefuse",
+                       benchmark="polyrefuse-heldout", prompt_builder=builder,
+                       teacher_prompts=bool(teacher), **kw)
+    result = {c: rates(metrics.get(c, {})) for c in langs}
+    if not teacher and data.xstest:
+        x = run_eval(model, tokenizer, data.xstest, ["en"], judge, out / "xstest", benchmark="xstest-safe",
+                     prompt_builder=builder, **kw)
+        result["xstest_en"] = rates(x.get("en", {}))
+    return result
+
+
+def rates(m: dict) -> dict:
+    """The figures the demo reports for one language, each rate with its 95% Wilson interval."""
+    from msd.eval.metrics import wilson
+
+    out = {"asr": m.get("asr"), "asr_ci95": m.get("ci95"), "n": m.get("n"),
+           "n_benign": m.get("n_benign"), "fidelity": m.get("fidelity"),
+           "truncated": m.get("truncated")}
+    for key in ("benign_refusal", "fidelity"):
+        if m.get(key) is not None and m.get("n_benign"):
+            out[f"{key}_ci95"] = wilson(m[key] * m["n_benign"], m["n_benign"])
+    out["benign_refusal"] = m.get("benign_refusal")
+    return out
+
+
+def reference_answers(model, tokenizer, data: DemoData, langs: list[str], spec) -> list[dict]:
+    """The base model's own greedy answers to the benign held-out prompts (prompt and answer
+    token ids), generated once before training."""
+    from msd.generation import generate
+    from msd.prompts import PromptBuilder
+
+    builder = PromptBuilder(tokenizer)
+    rows = [(c, t) for c in langs for t in data.benign] + [("en", t) for t in data.xstest]
+    prompts = [builder.student(t.texts[c]) for c, t in rows]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=0.0,
+                       batch_size=spec.batch_size)
+    return [{"lang": c, "id": t.id, "prompt": p, "answer": a[0]}
+            for (c, t), p, a in zip(rows, prompts, answers) if a[0]]
+
+
+def answer_loglik(model, tokenizer, reference: list[dict], batch: int = 16) -> list[float]:
+    """Mean log-probability per token of each reference answer under `model` (nats/token)."""
+    import torch
+
+    from msd.scoring import build_inputs, response_logits
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(reference), batch):
+            rows = reference[i:i + batch]
+            answers = [r["answer"] for r in rows]
+            inputs = build_inputs([r["prompt"] for r in rows], answers, tokenizer.pad_token_id, device)
+            T = max(len(a) for a in answers)
+            logp_BTV = response_logits(model, inputs, T).float().log_softmax(-1)
+            for b, a in enumerate(answers):
+                ids = torch.tensor(a, device=device)
+                out.append(float(logp_BTV[b, :len(a)].gather(-1, ids[:, None]).mean()))
+    model.train(was_training)
+    return out
+
+
+def capability(base: list[float], trained: list[float], reference: list[dict]) -> dict:
+    """Per language: mean log-likelihood per token of the base answers, before and after, and
+    the mean paired change with a 95% t interval over prompts."""
+    by_lang: dict[str, list[tuple[float, float]]] = {}
+    for b, t, r in zip(base, trained, reference):
+        by_lang.setdefault(r["lang"], []).append((b, t))
+    out = {}
+    for lang, pairs in by_lang.items():
+        d = [t - b for b, t in pairs]
+        n = len(d)
+        mean = sum(d) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+        half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+        out[lang] = {"before": sum(b for b, _ in pairs) / n, "after": sum(t for _, t in pairs) / n,
+                     "change": mean, "change_ci95": [mean - half, mean + half], "n": n}
+    return out
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95% Student t quantile (scipy when present, else a close approximation)."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # Cornish-Fisher expansion around the normal quantile
+        z = 1.959963984540054
+        return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def samples(out: Path, langs: list[str], k: int) -> dict:
+    """k held-out harmful queries per language: the answer before, with the teacher prompt and
+    after, with their verdicts (cut to 240 characters; the records hold them whole)."""
+    from msd.io import read_jsonl
+
+    def records(stage: str) -> dict:
+        path = out / stage / "polyrefuse" / "records.jsonl"
+        if not path.exists():
+            return {}
+        return {(r["lang"], r["query_id"]): r for r in read_jsonl(path) if r.get("harmful", True)}
+
+    stages = {s: records(s) for s in ("before", "teacher_before", "after")}
+    shown: dict[str, list[dict]] = {}
+    for lang in langs:
+        ids = sorted({i for (c, i) in stages["before"] if c == lang})[:k]
+        shown[lang] = [{"id": i, **{s: {"label": stages[s][(lang, i)].get("label"),
+                                        "response": stages[s][(lang, i)].get("response", "")[:240]}
+                                    for s in stages if (lang, i) in stages[s]}} for i in ids]
+    return shown
