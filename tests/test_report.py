@@ -122,3 +122,74 @@ def test_report_cli_and_bad_inputs(runs, tmp_path):
     (bad / "step_1.jsonl").write_text(json.dumps({"tokens": ["a"], "weights": [1, 2], "divergence": [0]}) + "\n")
     with pytest.raises(MsdError, match="lengths differ"):
         load_inputs([str(bad.parent)])
+
+
+SCRIPTS = ["আমি এতে সাহায্য করতে পারব না।", "मैं इसमें मदद नहीं कर सकता।", "我不能帮助你做这件事。",
+           "ฉันช่วยเรื่องนี้ไม่ได้ค่ะ", "family 👨‍👩‍👧‍👦 ok 👍🏽", "I can’t help — sorry. “Try” ‘this’"]
+
+
+def _visible_tokens(html: str) -> list[str]:
+    """The text of each response's token view, tags removed (what a reader sees)."""
+    import re
+    from html import unescape
+
+    views = re.findall(r'<div class="toks">(.*?)</div>', html, flags=re.S)
+    return [unescape(re.sub(r"<[^>]+>", "", v)) for v in views]
+
+
+def test_token_view_reads_as_the_text_in_every_script(tmp_path):
+    """Fixed bug: the view showed byte-level BPE pieces (`à¦Ĩ`, `âĢĻ`) with a space between
+    every token. A real training batch (save_token_batch) with a byte-level BPE that splits
+    every non-ASCII character into bytes now reads as the text."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from msd.testing.families import TINY_FAMILIES, family_tokenizer
+    from msd.train.logs import save_token_batch
+
+    tok = family_tokenizer(TINY_FAMILIES["qwen2.5"], "{{ messages }}")
+    responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+                 for t in SCRIPTS]
+    width = max(map(len, responses))
+    w_BT = torch.linspace(0.1, 3.0, width).repeat(len(responses), 1)
+    out = SimpleNamespace(w_BT=w_BT, div_BT=w_BT / 10)
+    batch = [SimpleNamespace(lang="bn", query_id=f"q{i}") for i in range(len(SCRIPTS))]
+    (tmp_path / "train" / "token_batches").mkdir(parents=True)
+    save_token_batch(tmp_path / "train" / "token_batches" / "step_1.jsonl", 1, "on_policy", batch,
+                     responses, out, tok)
+    build([str(tmp_path / "train")], tmp_path / "r", samples=len(SCRIPTS))
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert sorted(_visible_tokens(html)) == sorted(t + "<|im_end|>" for t in SCRIPTS)
+    for junk in ("à¦", "à¤", "âĢ", "Ġ", "\ufffd"):
+        assert junk not in html
+    assert "(mean of 3 tokens)" in html  # a Chinese character: 3 byte tokens, one box
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "à¦" not in md and "âĢ" not in md and "\\u200d" not in md
+
+
+def test_token_batches_saved_as_raw_pieces_still_read(tmp_path):
+    """Token batches written before spans were saved hold `convert_ids_to_tokens` pieces."""
+    from msd.testing.families import TINY_FAMILIES, family_tokenizer
+
+    tok = family_tokenizer(TINY_FAMILIES["qwen2.5"], "{{ messages }}")
+    tb = tmp_path / "old" / "token_batches"
+    tb.mkdir(parents=True)
+    rows = []
+    for i, text in enumerate(SCRIPTS):
+        pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+        rows.append({"step": 1, "lang": "bn", "query_id": f"q{i}", "mode": "off_policy", "tokens": pieces,
+                     "weights": [1.0] * len(pieces), "divergence": [0.1] * len(pieces)})
+    (tb / "step_1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build([str(tmp_path / "old")], tmp_path / "r", samples=len(SCRIPTS))
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert sorted(_visible_tokens(html)) == sorted(SCRIPTS)
+
+
+def test_token_batch_spans_are_checked(tmp_path):
+    bad = tmp_path / "bad" / "token_batches"
+    bad.mkdir(parents=True)
+    row = {"ids": [1, 2], "spans": [["a", 0, 1]], "weights": [1, 2], "divergence": [0, 0]}
+    (bad / "step_1.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(MsdError, match="cover 1 of 2 tokens"):
+        load_inputs([str(bad.parent)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd.eval import metrics as M
-from msd.report.html import show_token
 from msd.report.runs import EvalRun, TrainRun, lang_name, ordered_langs, run_line, section_title, top_tokens
 
 
@@ -70,8 +69,11 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _md_token(tok: str) -> str:
-    return repr(show_token(str(tok)))[1:-1].replace("|", "\\|").replace("`", "'")
+def _md_token(text: str) -> str:
+    """A token's text in a table cell: as it reads, with only line breaks and tabs escaped
+    (repr() would also escape a zero-width joiner, breaking emoji sequences)."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\t", "\\t").replace("|", "\\|").replace("`", "'"))
 
 
 def render_markdown(sections: list[dict], trains: list[TrainRun], token_plot: Path | None) -> str:
@@ -90,7 +92,9 @@ def render_markdown(sections: list[dict], trains: list[TrainRun], token_plot: Pa
         for t in trains:
             steps = sorted({row.get("step") for row in t.batches})
             lines.append(f"- **{t.label}**: `{t.path}` — {len(t.batches)} saved responses from steps {steps}")
-        lines += ["", "Tokens with the highest mean DPSW weight (weights average 1 within a response):", "",
+        lines += ["", "Tokens with the highest mean DPSW weight (weights average 1 within a response), "
+                  "as the text reads: a character split over several tokens counts once, with their "
+                  "mean weight:", "",
                   markdown_table([["token", "mean weight", "mean divergence", "count"]] +
                                  [[f"`{_md_token(tok)}`", f"{w:.2f}", f"{d:.3f}", str(n)]
                                   for tok, w, d, n in top_tokens(trains)]), ""]
