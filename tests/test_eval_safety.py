@@ -184,3 +184,32 @@ def test_tiny_model_end_to_end_multijail_cli(tiny_model_dir, tmp_path):
     assert main(argv) == 0
     again = {rec.metrics_mod.record_key(r): r["response"] for r in rec.load_records(out)}
     assert again == {rec.metrics_mod.record_key(r): r["response"] for r in records}  # greedy: same text
+
+
+def test_answers_cut_mid_character_are_clean_and_counted(tmp_path):
+    """Fixed bug: a Bengali answer cut at the token limit inside a character ended in U+FFFD
+    (which the judge and language ID read), and no metric said how many answers were cut."""
+    from pathlib import Path
+
+    from msd.testing.families import TINY_FAMILIES, family_tokenizer
+
+    template = (Path(__file__).parent / "fixtures" / "chat_templates" / "qwen2.5-7b-instruct.jinja").read_text()
+    tok = family_tokenizer(TINY_FAMILIES["qwen2.5"], template)
+    answer = tok("আমি সাহায্য করতে পারব না", add_special_tokens=False)["input_ids"]
+    limit = next(k for k in range(4, len(answer)) if tok.decode(answer[:k]).endswith("\ufffd"))
+
+    def cut_bengali(model, tokenizer, prompts, **kw):  # bn answers hit the limit, en ones end
+        return [[answer[:limit] if len(p) % 2 else answer[:2] + [tok.eos_token_id]] * kw["num_samples"]
+                for p in prompts]
+
+    tuples = [QueryTuple(f"q{i}", {"en": "make weapon " + "x" * i, "bn": "x" * i}) for i in range(6)]
+    m = safety.evaluate(None, tok, tuples, ["en", "bn"], get_judge("keyword"), tmp_path, benchmark="toy",
+                        max_new_tokens=limit, generate_fn=cut_bengali, progress=False)
+    records = rec.load_records(tmp_path)
+    assert not [r for r in records if "\ufffd" in r["response"]]
+    cut = [r for r in records if r["truncated"]]
+    assert cut and all(r["response_tokens"] == limit for r in cut)
+    assert m["average"]["truncated"] == len(cut)
+    for lang in ("en", "bn"):
+        mine = [r for r in records if r["lang"] == lang]
+        assert m[lang]["truncated_rate"] == sum(r["truncated"] for r in mine) / len(mine)

@@ -193,3 +193,21 @@ def test_token_batch_spans_are_checked(tmp_path):
     (bad / "step_1.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(MsdError, match="cover 1 of 2 tokens"):
         load_inputs([str(bad.parent)])
+
+
+def test_report_gives_the_share_cut_at_the_token_limit(tmp_path):
+    """Records written before msd recorded `truncated` report the share as unknown, not 0."""
+    old = write_run(tmp_path / "old", {"en": 1, "jv": 6, "sw": 5})
+    new = write_run(tmp_path / "new", {"en": 0, "jv": 1, "sw": 2})
+    rs = rec.load_records(new)
+    for i, r in enumerate(rs):
+        r["truncated"] = r["lang"] == "sw" and i % 2 == 0
+    rec.compact(new, rs)
+    build([str(old), str(new)], tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Answers cut at the token limit (max_new_tokens 64)" in md
+    sw = next(line for line in md.splitlines() if line.startswith("| sw (Swahili) | unknown"))
+    n_sw = sum(r["truncated"] for r in rs)
+    assert f"| {100 * n_sw / 11:.1f} ({n_sw}) |" in sw
+    assert "| en (English) | unknown | 0.0 (0) |" in md
+    assert "cut at token limit % new" in (tmp_path / "r" / "report.html").read_text()

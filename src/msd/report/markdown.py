@@ -57,6 +57,31 @@ def benign_table(runs: list[EvalRun]) -> list[list[str]]:
                             extra_label="fidelity %", extra=lambda m: _pct(m.get("fidelity")))
 
 
+def _cut(m: dict) -> str:
+    if not m:
+        return "–"
+    if m.get("truncated_rate") is None:  # records written before msd recorded it
+        return "unknown"
+    return f"{100 * m['truncated_rate']:.1f} ({m['truncated']})"
+
+
+def truncation_table(runs: list[EvalRun]) -> list[list[str]]:
+    """Per-language share of answers cut at the token limit (count in brackets), one column per
+    run; `unknown` where the records do not say, never 0."""
+    rows = [["language"] + [f"cut at token limit % {r.label}" for r in runs]]
+    for key in ordered_langs(runs) + [M.AVERAGE]:
+        ms = [r.metrics.get(key, {}) for r in runs]
+        if any(ms):
+            name = "**average**" if key == M.AVERAGE else lang_name(key)
+            rows.append([name] + [_cut(m) for m in ms])
+    return rows
+
+
+def truncation_title(runs: list[EvalRun]) -> str:
+    limits = sorted({str((r.info.get("settings") or {}).get("max_new_tokens", "?")) for r in runs})
+    return f"Answers cut at the token limit (max_new_tokens {', '.join(limits)})"
+
+
 def utility_table(runs: list[EvalRun]) -> list[list[str]]:
     tasks = list(dict.fromkeys(t for r in runs for t in r.metrics if t != M.AVERAGE)) + [M.AVERAGE]
     return comparison_table(runs, tasks, first="task", main="score", main_label="score %", count="n",
