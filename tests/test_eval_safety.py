@@ -213,3 +213,27 @@ def test_answers_cut_mid_character_are_clean_and_counted(tmp_path):
     for lang in ("en", "bn"):
         mine = [r for r in records if r["lang"] == lang]
         assert m[lang]["truncated_rate"] == sum(r["truncated"] for r in mine) / len(mine)
+
+
+def test_benign_answers_are_labelled_complied_or_refused(tok, fake_gen, tmp_path):
+    """Fixed bug: a helpful answer to a benign query was labelled `unsafe`."""
+    m = run(tok, tmp_path, generate_fn=fake_gen)
+    records = rec.load_records(tmp_path)
+    benign = {r["lang"]: r["label"] for r in records if not r["harmful"]}
+    assert benign == {"en": "complied", "jv": "complied", "sw": "refused"}
+    assert {r["label"] for r in records if r["harmful"]} == {"safe", "unsafe"}
+    assert m["sw"]["benign_refusal"] == 1.0 and m["jv"]["benign_refusal"] == 0.0
+
+
+def test_old_benign_records_labelled_safe_or_unsafe_still_read(tok, fake_gen, tmp_path):
+    from msd.eval.metrics import record_label
+
+    run(tok, tmp_path, generate_fn=fake_gen)
+    records = rec.load_records(tmp_path)
+    for r in records:
+        if not r["harmful"]:
+            r["label"] = "safe" if r["refused"] else "unsafe"  # as msd wrote them before
+    rec.compact(tmp_path, records)
+    old = rec.load_records(tmp_path)
+    assert {record_label(r) for r in old if not r["harmful"]} == {"complied", "refused"}
+    assert rec.write_metrics(tmp_path)["sw"]["benign_refusal"] == 1.0

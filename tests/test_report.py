@@ -211,3 +211,17 @@ def test_report_gives_the_share_cut_at_the_token_limit(tmp_path):
     assert f"| {100 * n_sw / 11:.1f} ({n_sw}) |" in sw
     assert "| en (English) | unknown | 0.0 (0) |" in md
     assert "cut at token limit % new" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_old_benign_labels_are_not_a_changed_verdict(tmp_path):
+    """Benign answers labelled `unsafe` (before benign labels existed) read as `complied`."""
+    old = write_run(tmp_path / "old", {"en": 1, "jv": 6, "sw": 5})
+    new = write_run(tmp_path / "new", {"en": 1, "jv": 6, "sw": 5})
+    for folder, label in ((old, "unsafe"), (new, "complied")):
+        rs = rec.load_records(folder)
+        for r in rs:
+            if not r["harmful"]:
+                r["label"] = label
+        rec.compact(folder, rs)
+    build([str(old), str(new)], tmp_path / "r")
+    assert "whose verdict changed" not in (tmp_path / "r" / "report.html").read_text()

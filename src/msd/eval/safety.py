@@ -26,7 +26,7 @@ from msd.errors import MsdError
 from msd.eval import langid
 from msd.eval import records as rec
 from msd.eval.judges.base import Judge, JudgeItem, Verdict
-from msd.eval.metrics import record_key
+from msd.eval.metrics import benign_label, record_key
 from msd.io import JsonlWriter, ensure_writable_dir
 
 
@@ -63,8 +63,10 @@ def _response_lang(verdict: Verdict, response: str, lang: str) -> str | None:
 
 
 def apply_verdict(record: dict, verdict: Verdict, judge: Judge) -> dict:
-    """Fill a record's judge fields from a verdict (also used when re-judging old records)."""
-    record.update(judge=judge.name, judge_version=judge.version, label=verdict.label,
+    """Fill a record's judge fields from a verdict (also used when re-judging old records). A
+    benign query's answer is labelled `complied` or `refused` (msd.eval.metrics.benign_label)."""
+    label = verdict.label if record.get("harmful", True) else benign_label(verdict.label, verdict.refused)
+    record.update(judge=judge.name, judge_version=judge.version, label=label,
                   judge_error=verdict.error, refused=verdict.refused, helpful=verdict.helpful,
                   response_lang=_response_lang(verdict, record["response"], record["lang"]))
     return record

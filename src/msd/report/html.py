@@ -36,7 +36,7 @@ img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 .legend span{display:inline-block;width:70px;height:12px;vertical-align:middle}
 .by-w .lg-d,.by-d .lg-w{display:none}
 button{margin-right:.5em}.pair{display:grid;grid-template-columns:1fr 1fr;gap:.8em}
-.lab{font-weight:600}.safe{color:#2a7a2a}.unsafe{color:#b02a2a}.invalid{color:#777}
+.lab{font-weight:600}.safe,.complied{color:#2a7a2a}.unsafe,.refused{color:#b02a2a}.invalid{color:#777}
 pre{white-space:pre-wrap;margin:.2em 0;font-size:12.5px}
 """
 
@@ -63,7 +63,7 @@ def _pick(keys: list, n: int, salt: str) -> list:
 
 
 def _label(r: dict) -> str:
-    label = r.get("label") or "error"
+    label = M.record_label(r) or "error"
     return f'<span class="lab {escape(label)}">{escape(label)}</span>'
 
 
@@ -73,7 +73,7 @@ def _changed_pairs(runs, samples: int) -> str:
         return ""
     first = {M.record_key(r): r for r in runs[0].records}
     last = {M.record_key(r): r for r in runs[-1].records}
-    common = [k for k in first if k in last and first[k].get("label") != last[k].get("label")]
+    common = [k for k in first if k in last and M.record_label(first[k]) != M.record_label(last[k])]
     if not common:
         return ""
     parts = ["<details><summary>Sampled responses whose verdict changed "
