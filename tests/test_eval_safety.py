@@ -237,3 +237,34 @@ def test_old_benign_records_labelled_safe_or_unsafe_still_read(tok, fake_gen, tm
     old = rec.load_records(tmp_path)
     assert {record_label(r) for r in old if not r["harmful"]} == {"complied", "refused"}
     assert rec.write_metrics(tmp_path)["sw"]["benign_refusal"] == 1.0
+
+
+def test_progress_shows_a_moving_status_while_the_first_batch_generates(tok, tmp_path, monkeypatch):
+    """Fixed bug: the bar advanced only when a whole batch was done; on a real model it sat at
+    0/32 for minutes with nothing moving. Now a status line names the batch being generated
+    and the bar is redrawn (elapsed time) while it runs."""
+    import io
+    import time as time_mod
+
+    from tqdm.auto import tqdm
+
+    seen = []
+    stream = io.StringIO()
+
+    def slow(model, tokenizer, prompts, **kw):
+        time_mod.sleep(1.3)
+        seen.append(stream.getvalue())
+        return FakeGenerate(tok)(model, tokenizer, prompts, **kw)
+
+    real = tqdm.__init__
+
+    def to_stream(self, *a, **kw):
+        kw.update(file=stream, disable=False, mininterval=0)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(tqdm, "__init__", to_stream)
+    safety.evaluate(None, tok, make_tuples(), ["en", "jv", "sw"], get_judge("keyword"), tmp_path,
+                    benchmark="toy", batch_size=32, generate_fn=slow, progress=True)
+    first = seen[0]
+    assert "0/18" in first and "batch 1/1: generating 18 answers of up to 256 tokens" in first
+    assert "00:01" in first  # redrawn while generating, not only when the batch ended

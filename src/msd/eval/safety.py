@@ -16,7 +16,9 @@ prompts are sorted by length first so each batch holds prompts of similar length
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +156,29 @@ def _rejudge(judge, tuples, langs, done: dict, writer: JsonlWriter, english: str
     return len(stale)
 
 
+@contextlib.contextmanager
+def ticking(bar, every: float = 1.0):
+    """Redraw a progress bar every `every` seconds while a batch generates, so its status line
+    and elapsed time move. Fixed bug: the bar advances once per batch, and on a real model it
+    sat at 0/32 with nothing moving for minutes, as if hung."""
+    if getattr(bar, "disable", True):
+        yield
+        return
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(every):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, name="msd-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge: Judge,
              out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -200,12 +225,17 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
         with JsonlWriter(Path(out_dir) / rec.RECORDS) as writer:
             n_rejudged = _rejudge(judge, tuples, langs, done, writer, english, batch_size)
             bar = tqdm(total=n_new, desc=f"{benchmark}", unit="resp", disable=not progress)
+            n_batches = -(-len(order) // batch_size)
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 t0 = time.time()
-                outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
-                                 batch_size=batch_size, seed=seed + start, progress=False, backend=backend)
+                rate = f"{gen_tokens / gen_seconds:.0f} tok/s, " if gen_seconds else ""
+                bar.set_postfix_str(f"{rate}batch {start // batch_size + 1}/{n_batches}: generating "
+                                    f"{len(idx) * num_samples} answers of up to {max_new_tokens} tokens")
+                with ticking(bar):
+                    outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
+                                    batch_size=batch_size, seed=seed + start, progress=False, backend=backend)
                 gen_seconds += time.time() - t0
                 gen_tokens += sum(len(r) for per in outs for r in per)
                 batch, metas = _new_records([work[i] for i in idx], outs, benchmark, tokenizer,
@@ -214,8 +244,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                     judge_records(judge, batch, metas)
                 finally:  # keep every generated response, judged or not
                     writer.write_many(batch)
+                    bar.set_postfix_str(f"{gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s", refresh=False)
                     bar.update(len(batch))
-                    bar.set_postfix(tok_s=f"{gen_tokens / max(gen_seconds, 1e-9):.0f}")
             bar.close()
     finally:
         records = rec.load_records(out_dir)
