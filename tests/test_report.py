@@ -225,3 +225,24 @@ def test_old_benign_labels_are_not_a_changed_verdict(tmp_path):
         rec.compact(folder, rs)
     build([str(old), str(new)], tmp_path / "r")
     assert "whose verdict changed" not in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_baseline_folder_names_its_evaluation_folders(runs, tmp_path, capsys):
+    """docs/BASELINES.md: `msd report <baseline out>` names the evaluation folders to pass."""
+    from msd.cli import main
+
+    dpo = tmp_path / "dpo"
+    (dpo / "final").mkdir(parents=True)
+    (dpo / "logs.jsonl").write_text("")
+    (dpo / "baseline_data.jsonl").write_text("")
+    with pytest.raises(MsdError, match=r"none was found next to it: run msd eval safety .*dpo/final"):
+        load_inputs([str(dpo)])
+    for name, adapter in (("eval-dpo", str(dpo / "final")), ("eval-base", None)):
+        folder = write_run(tmp_path / "evals" / name, {"en": 1, "jv": 1, "sw": 1})
+        info = rec.load_run(folder)
+        info["settings"]["adapter"] = {"path": adapter, "sha": "x"} if adapter else None
+        rec.write_run(folder, info)
+    assert main(["report", str(dpo), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msd: error: ") and len(err.strip().splitlines()) == 1
+    assert f"pass {tmp_path / 'evals' / 'eval-dpo'} instead" in err and "eval-base" not in err

@@ -104,6 +104,56 @@ def load_token_batches(path: Path, label: str) -> TrainRun:
     return TrainRun(label, path, batches)
 
 
+TRAINING_FILES = ("config.yaml", "logs.jsonl", "final", "baseline_data.jsonl")
+SEARCH_DIRS = 2000  # folders looked at for a training run's evaluations
+
+
+def evaluations_of(train_dir: Path) -> list[Path]:
+    """Evaluation run folders (records.jsonl + run.json) whose adapter lies in `train_dir`,
+    looked for in it and next to it (two levels down from its parent)."""
+    root, parent = train_dir.resolve(), train_dir.resolve().parent
+    found, seen = [], 0
+    for depth in ("*", "*/*"):
+        for d in sorted(parent.glob(depth)):
+            seen += 1
+            if seen > SEARCH_DIRS:
+                return found
+            if not (d / rec.RECORDS).is_file():
+                continue
+            try:
+                info = rec.load_run(d)
+            except MsdError:
+                continue
+            adapter = (info.get("settings") or {}).get("adapter") or info.get("adapter")
+            adapter = adapter.get("path") if isinstance(adapter, dict) else adapter
+            if isinstance(adapter, str) and adapter and root in (Path(adapter).resolve(), *Path(adapter).resolve().parents):
+                found.append(d)
+    return found
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _not_a_run(path: Path) -> str:
+    """Why a folder cannot be reported on; for a training run without token batches (every
+    baseline's output), the evaluation folders to pass instead."""
+    plain = f"neither an evaluation run ({rec.RECORDS}) nor a training run (token_batches/)"
+    if not any((path / name).exists() for name in TRAINING_FILES):
+        return plain
+    evals = evaluations_of(path)
+    why = ("a training run without token_batches/ (a baseline's has none: there is no per-token "
+           "DPSW weight or teacher divergence to show); msd report takes its evaluation runs")
+    if evals:
+        return f"{why}: pass {' '.join(_shown(e) for e in evals)} instead"
+    return (f"{why}, and none was found next to it: run msd eval safety ... --adapter {path / 'final'} "
+            "--out FOLDER, then pass FOLDER")
+
+
 def load_inputs(dirs: list[str], labels: list[str] | None = None) -> tuple[list[EvalRun], list[TrainRun]]:
     paths = [Path(d) for d in dirs]
     evals, trains = [], []
@@ -112,8 +162,7 @@ def load_inputs(dirs: list[str], labels: list[str] | None = None) -> tuple[list[
             raise MsdError("not a folder", str(path))
         is_eval, is_train = (path / rec.RECORDS).exists(), (path / "token_batches").is_dir()
         if not (is_eval or is_train):
-            raise MsdError(f"neither an evaluation run ({rec.RECORDS}) nor a training run "
-                           "(token_batches/)", str(path))
+            raise MsdError(_not_a_run(path), str(path))
         if is_eval:
             evals.append(load_eval_run(path, label))
         if is_train:
