@@ -246,3 +246,24 @@ def test_a_baseline_folder_names_its_evaluation_folders(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("msd: error: ") and len(err.strip().splitlines()) == 1
     assert f"pass {tmp_path / 'evals' / 'eval-dpo'} instead" in err and "eval-base" not in err
+
+
+def test_a_training_response_cut_mid_character_shows_no_replacement_character(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from msd.testing.families import TINY_FAMILIES, family_tokenizer
+    from msd.train.logs import save_token_batch
+
+    tok = family_tokenizer(TINY_FAMILIES["qwen2.5"], "{{ messages }}")
+    ids = tok(SCRIPTS[0], add_special_tokens=False)["input_ids"]
+    ids = ids[:next(k for k in range(5, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))]
+    (tmp_path / "t" / "token_batches").mkdir(parents=True)
+    w_BT = torch.ones(1, len(ids))
+    save_token_batch(tmp_path / "t" / "token_batches" / "step_1.jsonl", 1, "on_policy",
+                     [SimpleNamespace(lang="bn", query_id="q")], [ids], SimpleNamespace(w_BT=w_BT, div_BT=w_BT), tok)
+    build([str(tmp_path / "t")], tmp_path / "r")
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "\ufffd" not in html and 'class="t cut"' in html and '.cut::after{content:"\\2026"}' in html
+    assert _visible_tokens(html) == [SCRIPTS[0][:len(_visible_tokens(html)[0])]]

@@ -144,3 +144,18 @@ def test_a_cut_answer_keeps_the_whole_characters_of_its_last_token():
     assert tok.decode(ids) == "ab\ufffd"
     assert complete_text(tok, ids) == "ab"
     assert [t for t, _, _ in token_spans(tok, ids + [vocab["¦"], vocab["Ĩ"]])] == ["a", "bআ"]
+
+
+@pytest.mark.parametrize("name", ["bengali", "thai", "emoji", "quotes"])
+def test_spans_of_an_answer_cut_mid_character(byte_bpe, name):
+    """The bytes of a character cut at the token limit make a last span with no U+FFFD."""
+    ids = byte_bpe(TEXTS[name], add_special_tokens=False)["input_ids"]
+    cuts = [k for k in range(1, len(ids)) if byte_bpe.decode(ids[:k]).endswith("\ufffd")]
+    assert cuts
+    for k in cuts:
+        spans = token_spans(byte_bpe, ids[:k])
+        assert "".join(t for t, _, _ in spans) == complete_text(byte_bpe, ids[:k])
+        assert spans[-1][2] == k and not any("\ufffd" in t for t, _, _ in spans)
+        raw = byte_bpe.convert_ids_to_tokens(ids[:k])
+        if any(ord(c) >= 256 for p in raw for c in p):  # recognisable as byte-level pieces
+            assert [t for t, _, _ in piece_spans(raw)] == [t for t, _, _ in spans]

@@ -7,8 +7,10 @@ token's own piece (`à¦`, `<0xE0>`) is not text, and decoding it alone gives U+
 
 - `token_spans(tokenizer, ids)`: [(text, start, end)], each the decoded text of ids[start:end],
   the shortest runs of tokens that decode to whole characters (extended grapheme clusters:
-  a base with its vowel signs, a ZWJ emoji sequence). Concatenated, the texts are
-  exactly `decode(ids)`: no space is added that the text does not have. What every token view
+  a base with its vowel signs, a ZWJ emoji sequence). Concatenated, the texts are exactly
+  `complete_text(ids)`, which is `decode(ids)` unless the ids end inside a character: no space
+  is added that the text does not have, and the bytes of a character cut at the token limit
+  make a last span without their U+FFFD (possibly empty). What every token view
   shows (`msd report`'s HTML page and markdown tables); saved with each training token batch.
 - `piece_spans(pieces)`: the same from saved raw pieces alone (`convert_ids_to_tokens` output,
   what token batches held before they held spans): byte-level and SentencePiece pieces are
@@ -43,6 +45,10 @@ def token_spans(tokenizer, ids) -> list[tuple[str, int, int]]:
     spans = _windowed(tokenizer, ids)
     if "".join(s[0] for s in spans) != decode(tokenizer, ids):
         spans = _by_prefix(tokenizer, ids)
+    if spans and spans[-1][0].endswith(REPLACEMENT):  # cut inside a character: no U+FFFD shown
+        drop = len(decode(tokenizer, ids)) - len(complete_text(tokenizer, ids))
+        text, start, end = spans[-1]
+        spans[-1] = (text[:len(text) - drop] if 0 < drop <= len(text) else text, start, end)
     return whole_graphemes(spans)
 
 
@@ -136,7 +142,9 @@ def _piece_bytes(pieces: list[str]) -> list[bytes] | None:
 
 
 def piece_spans(pieces: list[str]) -> list[tuple[str, int, int]]:
-    """(text, start, end) from raw token pieces alone (no tokenizer at hand)."""
+    """(text, start, end) from raw token pieces alone (no tokenizer at hand). Byte-level pieces
+    are recognised by the characters that stand for bytes outside printable Latin-1 (`Ġ` for a
+    space, `Ċ` for a line break, `Ĳ`...), which nearly every response holds."""
     pieces = [str(p) for p in pieces]
     as_bytes = _piece_bytes(pieces)
     if as_bytes is None:  # WordPiece continuations join; word-level tokens carry no space marker
@@ -147,6 +155,6 @@ def piece_spans(pieces: list[str]) -> list[tuple[str, int, int]]:
         buf += b
         text = buf.decode("utf-8", errors="replace")
         if end == len(as_bytes) or not text.endswith(REPLACEMENT):
-            spans.append((text, start, end))
+            spans.append((text.rstrip(REPLACEMENT) if end == len(as_bytes) else text, start, end))
             start, buf = end, b""
     return whole_graphemes(spans)

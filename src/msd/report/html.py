@@ -32,6 +32,7 @@ img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 .meta{color:#666;font-size:12px;margin-bottom:.2em}
 .toks{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9}
 .t{white-space:pre-wrap;border-radius:2px;padding:1px 0}
+.cut::after{content:"\\2026"}
 .by-w .t{background:rgba(230,120,0,var(--w))}.by-d .t{background:rgba(40,110,230,var(--d))}
 .legend span{display:inline-block;width:70px;height:12px;vertical-align:middle}
 .by-w .lg-d,.by-d .lg-w{display:none}
@@ -105,7 +106,9 @@ def coloured_tokens(row: dict) -> str:
         body = text.lstrip(" ")
         lead = text[:len(text) - len(body)]
         mean = f" (mean of {n} tokens)" if n > 1 else ""
-        out.append(f'{lead}<span class="t" style="--w:{w / wmax:.3f};--d:{d / dmax:.3f}" '
+        if not text:  # the bytes of a character cut at the token limit: marked, adds no text
+            mean += " · no whole character (cut at the token limit)"
+        out.append(f'{lead}<span class="t{"" if text else " cut"}" style="--w:{w / wmax:.3f};--d:{d / dmax:.3f}" '
                    f'title="weight {w:.3f} · divergence {d:.4f}{mean}">{escape(body)}</span>')
     return "".join(out)
 
