@@ -42,13 +42,13 @@ def token_spans(tokenizer, ids) -> list[tuple[str, int, int]]:
     docstring. Decodes a few tokens per span; where that disagrees with the whole decoded text
     (a decoder that looks further back), decodes prefixes of the whole instead."""
     ids = [int(i) for i in ids]
-    spans = _windowed(tokenizer, ids)
-    if "".join(s[0] for s in spans) != decode(tokenizer, ids):
-        spans = _by_prefix(tokenizer, ids)
-    if spans and spans[-1][0].endswith(REPLACEMENT):  # cut inside a character: no U+FFFD shown
-        drop = len(decode(tokenizer, ids)) - len(complete_text(tokenizer, ids))
-        text, start, end = spans[-1]
-        spans[-1] = (text[:len(text) - drop] if 0 < drop <= len(text) else text, start, end)
+    n, text = _cut(tokenizer, ids)
+    spans = _windowed(tokenizer, ids[:n])
+    head = decode(tokenizer, ids[:n])
+    if "".join(s[0] for s in spans) != head:
+        spans = _by_prefix(tokenizer, ids[:n])
+    if n < len(ids):  # the bytes of a character cut at the token limit, without their U+FFFD
+        spans.append((text[len(head):], n, len(ids)))
     return whole_graphemes(spans)
 
 
@@ -100,15 +100,20 @@ def complete_text(tokenizer, ids) -> str:
     character and the start of the next; a byte-fallback decoder turns a whole run of bytes
     with a broken end into U+FFFD). Fixed bug: answers cut at the token limit mid-character
     ended in U+FFFD, which the judge and language ID then read."""
-    ids = [int(i) for i in ids]
+    return _cut(tokenizer, [int(i) for i in ids])[1]
+
+
+def _cut(tokenizer, ids: list[int]) -> tuple[int, str]:
+    """(n, text): `complete_text`'s text, and how many ids come before the incomplete tail
+    (all of them when there is none); decode(ids[:n]) is a prefix of text."""
     text = decode(tokenizer, ids)
     if not text.endswith(REPLACEMENT):
-        return text
+        return len(ids), text
     for k in range(1, min(len(ids), MAX_TAIL) + 1):
         head = decode(tokenizer, ids[:-k])
         if not head.endswith(REPLACEMENT):
-            return head + (text[len(head):].rstrip(REPLACEMENT) if text.startswith(head) else "")
-    return text
+            return len(ids) - k, head + (text[len(head):].rstrip(REPLACEMENT) if text.startswith(head) else "")
+    return len(ids), text
 
 
 # ----------------------------------------------------------------------------- saved pieces
