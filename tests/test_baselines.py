@@ -268,3 +268,27 @@ def test_baseline_settings_have_bounds():
         load_config(None, ["baseline.beta=0"])
     with pytest.raises(MsdError, match="baseline.data"):
         load_config(None, ["baseline.data= "])
+
+
+def test_self_generated_texts_are_decoded_as_eval_decodes_answers(tmp_path, query_file, monkeypatch):
+    """Samples cut inside a multibyte character give no U+FFFD in the chosen / rejected texts,
+    and no template token: the texts are msd.families.decode_answer's."""
+    from pathlib import Path
+
+    from msd.baselines.data import BASELINE_DATA
+    from msd.baselines.sources import self_generated as sg
+    from msd.models import load_model_and_tokenizer
+    from msd.testing.families import make_family_model
+
+    template = (Path(__file__).parent / "fixtures" / "chat_templates" / "qwen2.5-7b-instruct.jinja").read_text()
+    folder = make_family_model(tmp_path / "qwen", "qwen2.5", template)
+    cfg = load_config(None, [f"model.name_or_path={folder}", f"data.source={query_file}",
+                             "data.heldout_fraction=0", f"train.output_dir={tmp_path / 'out'}"])
+    model, tok = load_model_and_tokenizer(cfg.model)
+    ids = tok("সাহায্য", add_special_tokens=False)["input_ids"]
+    cut = ids[:next(k for k in range(4, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    monkeypatch.setattr(sg.responses, "teacher_samples", lambda cfg, run, t, items, *a: {it.key: [cut] for it in items})
+    monkeypatch.setattr(sg, "student_samples", lambda cfg, st, m, t, items, *a: {it.key: [cut + [end]] for it in items})
+    pairs = BASELINE_DATA.get("self_generated")(cfg, model, tok, progress=False)
+    assert pairs and {(p.chosen, p.rejected) for p in pairs} == {(tok.decode(cut).rstrip("\ufffd"),) * 2}

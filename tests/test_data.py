@@ -147,4 +147,34 @@ def test_xsafety_rows_align_by_index(xsafety, lang):
         with open(xsafety_set.file_of(lang, issue), encoding="utf-8-sig", newline="") as f:
             rows = [r[0] for r in csv.reader(f)]
         for i in (0, 99, 199):
-            assert by_id[f"xsafety-{issue}-{i}"].texts[lang] == rows[i]
+            assert by_id[f"xsafety-{issue}-{i}"].texts[lang] == rows[i].strip()  # stripped at load
+
+
+def test_xsafety_texts_are_stripped_at_load(xsafety):
+    """Fixed bug: 12,078 of XSafety's 27,999 texts carried leading or trailing whitespace into
+    the prompt."""
+    raw = xsafety_set.load()
+    assert sum(v != v.strip() for t in raw for v in t.texts.values()) == 12078
+    assert sum(len(t.texts) for t in xsafety) == 27999
+    assert not [v for t in xsafety for v in t.texts.values() if v != v.strip()]
+
+
+@pytest.mark.parametrize("name, text", [
+    ("q.jsonl", json.dumps({"id": 1, "en": "  how to cook\n", "jv": "\tcarane masak "}) + "\n"),
+    ("q.csv", 'id,en,jv\nq1,"  how to cook\n",\tcarane masak \n'),
+])
+def test_query_files_are_stripped_at_load(tmp_path, name, text):
+    path = write(tmp_path / name, text)
+    assert load_tuples(path)[0].texts == {"en": "how to cook", "jv": "carane masak"}
+    assert data.load_dataset(path).tuples[0].texts == {"en": "how to cook", "jv": "carane masak"}
+
+
+def test_every_registered_dataset_is_stripped_at_load():
+    spec = data.DatasetSpec(lambda: [QueryTuple("a", {"en": " padded \n", "jv": "ok"}, {"harmful": False})],
+                            lambda: ["en", "jv"], "a plugin's set")
+    data.DATASETS.register("padded-test", spec)
+    try:
+        got = data.load_dataset("padded-test").tuples[0]
+    finally:
+        data.DATASETS.unregister("padded-test")
+    assert got.texts == {"en": "padded", "jv": "ok"} and got.meta == {"harmful": False}

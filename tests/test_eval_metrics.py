@@ -95,3 +95,20 @@ def test_utility_scores():
 
 def test_empty():
     assert M.compute([]) == {}
+
+
+def test_share_cut_at_the_token_limit_per_language():
+    rs = [rec("bn", str(i), "safe", truncated=i < 3) for i in range(4)]
+    rs += [rec("en", "1", "safe", truncated=False), rec("en", "2", "safe", harmful=False, truncated=True)]
+    m = M.compute(rs)
+    assert m["bn"]["truncated"] == 3 and m["bn"]["truncated_rate"] == 0.75
+    assert m["en"]["truncated"] == 1 and m["en"]["truncated_rate"] == 0.5  # benign answers count too
+    assert m["average"]["truncated"] == 4 and m["average"]["truncated_rate"] == pytest.approx(0.625)
+
+
+def test_records_that_do_not_say_leave_the_cut_share_unknown_not_zero():
+    m = M.compute([rec("jv", "1", "safe"), rec("jv", "2", "unsafe"), rec("sw", "1", "safe", truncated=True)])
+    assert m["jv"]["truncated"] is None and m["jv"]["truncated_rate"] is None
+    assert m["sw"]["truncated_rate"] == 1.0 and m["average"]["truncated_rate"] == 1.0
+    old = M.compute([rec("jv", "1", "safe")])
+    assert old["average"]["truncated"] is None and old["average"]["truncated_rate"] is None

@@ -184,3 +184,87 @@ def test_tiny_model_end_to_end_multijail_cli(tiny_model_dir, tmp_path):
     assert main(argv) == 0
     again = {rec.metrics_mod.record_key(r): r["response"] for r in rec.load_records(out)}
     assert again == {rec.metrics_mod.record_key(r): r["response"] for r in records}  # greedy: same text
+
+
+def test_answers_cut_mid_character_are_clean_and_counted(tmp_path):
+    """Fixed bug: a Bengali answer cut at the token limit inside a character ended in U+FFFD
+    (which the judge and language ID read), and no metric said how many answers were cut."""
+    from pathlib import Path
+
+    from msd.testing.families import TINY_FAMILIES, family_tokenizer
+
+    template = (Path(__file__).parent / "fixtures" / "chat_templates" / "qwen2.5-7b-instruct.jinja").read_text()
+    tok = family_tokenizer(TINY_FAMILIES["qwen2.5"], template)
+    answer = tok("আমি সাহায্য করতে পারব না", add_special_tokens=False)["input_ids"]
+    limit = next(k for k in range(4, len(answer)) if tok.decode(answer[:k]).endswith("\ufffd"))
+
+    def cut_bengali(model, tokenizer, prompts, **kw):  # bn answers hit the limit, en ones end
+        return [[answer[:limit] if len(p) % 2 else answer[:2] + [tok.eos_token_id]] * kw["num_samples"]
+                for p in prompts]
+
+    tuples = [QueryTuple(f"q{i}", {"en": "make weapon " + "x" * i, "bn": "x" * i}) for i in range(6)]
+    m = safety.evaluate(None, tok, tuples, ["en", "bn"], get_judge("keyword"), tmp_path, benchmark="toy",
+                        max_new_tokens=limit, generate_fn=cut_bengali, progress=False)
+    records = rec.load_records(tmp_path)
+    assert not [r for r in records if "\ufffd" in r["response"]]
+    cut = [r for r in records if r["truncated"]]
+    assert cut and all(r["response_tokens"] == limit for r in cut)
+    assert m["average"]["truncated"] == len(cut)
+    for lang in ("en", "bn"):
+        mine = [r for r in records if r["lang"] == lang]
+        assert m[lang]["truncated_rate"] == sum(r["truncated"] for r in mine) / len(mine)
+
+
+def test_benign_answers_are_labelled_complied_or_refused(tok, fake_gen, tmp_path):
+    """Fixed bug: a helpful answer to a benign query was labelled `unsafe`."""
+    m = run(tok, tmp_path, generate_fn=fake_gen)
+    records = rec.load_records(tmp_path)
+    benign = {r["lang"]: r["label"] for r in records if not r["harmful"]}
+    assert benign == {"en": "complied", "jv": "complied", "sw": "refused"}
+    assert {r["label"] for r in records if r["harmful"]} == {"safe", "unsafe"}
+    assert m["sw"]["benign_refusal"] == 1.0 and m["jv"]["benign_refusal"] == 0.0
+
+
+def test_old_benign_records_labelled_safe_or_unsafe_still_read(tok, fake_gen, tmp_path):
+    from msd.eval.metrics import record_label
+
+    run(tok, tmp_path, generate_fn=fake_gen)
+    records = rec.load_records(tmp_path)
+    for r in records:
+        if not r["harmful"]:
+            r["label"] = "safe" if r["refused"] else "unsafe"  # as msd wrote them before
+    rec.compact(tmp_path, records)
+    old = rec.load_records(tmp_path)
+    assert {record_label(r) for r in old if not r["harmful"]} == {"complied", "refused"}
+    assert rec.write_metrics(tmp_path)["sw"]["benign_refusal"] == 1.0
+
+
+def test_progress_shows_a_moving_status_while_the_first_batch_generates(tok, tmp_path, monkeypatch):
+    """Fixed bug: the bar advanced only when a whole batch was done; on a real model it sat at
+    0/32 for minutes with nothing moving. Now a status line names the batch being generated
+    and the bar is redrawn (elapsed time) while it runs."""
+    import io
+    import time as time_mod
+
+    from tqdm.auto import tqdm
+
+    seen = []
+    stream = io.StringIO()
+
+    def slow(model, tokenizer, prompts, **kw):
+        time_mod.sleep(1.3)
+        seen.append(stream.getvalue())
+        return FakeGenerate(tok)(model, tokenizer, prompts, **kw)
+
+    real = tqdm.__init__
+
+    def to_stream(self, *a, **kw):
+        kw.update(file=stream, disable=False, mininterval=0)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(tqdm, "__init__", to_stream)
+    safety.evaluate(None, tok, make_tuples(), ["en", "jv", "sw"], get_judge("keyword"), tmp_path,
+                    benchmark="toy", batch_size=32, generate_fn=slow, progress=True)
+    first = seen[0]
+    assert "0/18" in first and "batch 1/1: generating 18 answers of up to 256 tokens" in first
+    assert "00:01" in first  # redrawn while generating, not only when the batch ended

@@ -9,7 +9,8 @@ its files are self-consistent:
   message's content (found by rendering a conversation), added to the EOS set;
 - system role: a template that raises on a system message, or drops it, gets the system prompt
   merged into the first user turn instead;
-- decoded answers drop every added or special token of the vocabulary (`added_tokens_decoder`
+- decoded answers end on a whole character (an answer cut inside one drops its bytes), and
+  drop every added or special token of the vocabulary (`added_tokens_decoder`
   included, whatever its special flag: Qwen's <think>, <tool_call>, FIM tokens are added with
   special=False, so `skip_special_tokens=True` keeps them), except whitespace-only ones;
 - thinking mode: a template that reads `enable_thinking` has one; the answer is the text after
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from msd.registry import Registry
+from msd.tokentext import complete_text
 
 # A text that appears nowhere in a template, to find where an assistant message's content ends.
 MARK = "MSDMARK"
@@ -211,9 +213,10 @@ def answer_token_sets(tokenizer, config=None):
 def decode_answer(tokenizer, ids: list[int], config=None) -> tuple[str, str | None]:
     """(answer, reasoning or None): the decoded response without any special or added token;
     when it holds a reasoning block, the answer is the text after the block's end. A block that
-    never ends (truncated) leaves an empty answer."""
+    never ends (truncated) leaves an empty answer. An answer cut at the token limit inside a
+    multibyte character ends before that character, not in U+FFFD (`complete_text`)."""
     markers, hidden, keep = answer_token_sets(tokenizer, config)
-    text = tokenizer.decode([i for i in ids if i not in hidden or i in keep], skip_special_tokens=False)
+    text = complete_text(tokenizer, [i for i in ids if i not in hidden or i in keep])
     if not markers or (markers[0] not in text and markers[1] not in text):
         return text, None
     open_, close = markers

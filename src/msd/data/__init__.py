@@ -11,7 +11,8 @@ Built-in datasets live in `msd.data.sets`, one module per family, each registeri
 
 Plugins (the model organism) register theirs the same way. Each tuple's meta says whether the
 query is harmful (`harmful`, default True): safety metrics use the harmful ones (ASR),
-over-refusal metrics the benign ones.
+over-refusal metrics the benign ones. Every text is stripped of leading and trailing whitespace
+when loaded, whatever its source (`stripped`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from msd.data.files import SUFFIXES, load_file
-from msd.data.tuples import QueryTuple, benign, is_heldout, split, validate
+from msd.data.tuples import QueryTuple, benign, is_heldout, split, stripped, validate
 from msd.errors import MsdError, closest
 from msd.registry import Registry
 
@@ -56,10 +57,11 @@ def _looks_like_file(name: str) -> bool:
 
 
 def load_dataset(name: str, english: str = "en", where: str | None = None) -> Dataset:
-    """A registered dataset by name, or a JSONL/CSV file of parallel queries (named by its stem)."""
+    """A registered dataset by name, or a JSONL/CSV file of parallel queries (named by its stem),
+    every text stripped of leading and trailing whitespace."""
     if name in DATASETS:
         spec = DATASETS.get(name)
-        tuples = spec.load()
+        tuples = stripped(spec.load())
         if spec.validate:
             tuples = validate(tuples, english, name)
         return Dataset(name, tuples, spec.langs(), spec.description, spec.default_judge)
@@ -72,7 +74,7 @@ def load_dataset(name: str, english: str = "en", where: str | None = None) -> Da
     if not path.is_file():
         raise MsdError("query file not found (expected a .jsonl or .csv file, or one of "
                        f"{sorted(DATASETS.names())})", name)
-    tuples = load_file(path, english)
+    tuples = stripped(load_file(path, english))
     langs = list(dict.fromkeys(lang for t in tuples for lang in t.texts))
     return Dataset(path.stem, tuples, langs, f"queries from {name}")
 

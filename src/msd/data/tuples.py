@@ -45,6 +45,15 @@ def validate(tuples: list[QueryTuple], english: str = "en", source: str = "queri
     return tuples
 
 
+def stripped(tuples: list[QueryTuple]) -> list[QueryTuple]:
+    """Tuples whose texts carry no leading or trailing whitespace (the one place it is removed:
+    `msd.data.load_dataset`, for registered sets and query files alike). Fixed bug: 12,078 of
+    XSafety's 27,999 texts carried spaces or line breaks into the prompt."""
+    return [t if all(v == v.strip() for v in t.texts.values())
+            else QueryTuple(t.id, {lang: v.strip() for lang, v in t.texts.items()}, t.meta)
+            for t in tuples]
+
+
 def is_heldout(tuple_id: str, fraction: float, seed: int) -> bool:
     digest = hashlib.sha256(f"{seed}:{tuple_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction

@@ -197,6 +197,7 @@ def _run_info(args) -> dict:
 
 def _print_table(metrics: dict, kind: str) -> None:
     keys = ("asr", "unsafe_rate", "invalid_rate", "n") if kind == "safety" else ("benign_refusal", "fidelity", "n_benign")
+    keys += ("truncated_rate",)  # answers cut at --max-new-tokens
     print("lang      " + "  ".join(f"{k:>14}" for k in keys))
     for lang, m in metrics.items():
         cells = []

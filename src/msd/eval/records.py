@@ -27,7 +27,7 @@ from msd import fingerprint
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
 from msd.eval.judges.base import LABELS
-from msd.eval.metrics import latest
+from msd.eval.metrics import BENIGN_LABELS, latest
 from msd.io import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
 from msd.limits import loads_json, short_repr
 
@@ -61,7 +61,7 @@ def check_record(r: dict, where: str) -> None:
         if not ok:
             raise MsdError(f"record field '{key}' has the wrong type ({type(value).__name__}); "
                            "this is not a records.jsonl written by msd", where)
-    if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
+    if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS + BENIGN_LABELS):
         raise MsdError("record has a negative sample or an unknown label", where)
     # Names end up in tables, titles and file names: a language code, a benchmark name, an id.
     if not _CODE.match(r["lang"]) or not _NAME.match(r["benchmark"]) or len(str(r["query_id"])) > 200:

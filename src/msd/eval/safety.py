@@ -16,7 +16,9 @@ prompts are sorted by length first so each batch holds prompts of similar length
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from msd.errors import MsdError
 from msd.eval import langid
 from msd.eval import records as rec
 from msd.eval.judges.base import Judge, JudgeItem, Verdict
-from msd.eval.metrics import record_key
+from msd.eval.metrics import benign_label, record_key
 from msd.io import JsonlWriter, ensure_writable_dir
 
 
@@ -63,8 +65,10 @@ def _response_lang(verdict: Verdict, response: str, lang: str) -> str | None:
 
 
 def apply_verdict(record: dict, verdict: Verdict, judge: Judge) -> dict:
-    """Fill a record's judge fields from a verdict (also used when re-judging old records)."""
-    record.update(judge=judge.name, judge_version=judge.version, label=verdict.label,
+    """Fill a record's judge fields from a verdict (also used when re-judging old records). A
+    benign query's answer is labelled `complied` or `refused` (msd.eval.metrics.benign_label)."""
+    label = verdict.label if record.get("harmful", True) else benign_label(verdict.label, verdict.refused)
+    record.update(judge=judge.name, judge_version=judge.version, label=label,
                   judge_error=verdict.error, refused=verdict.refused, helpful=verdict.helpful,
                   response_lang=_response_lang(verdict, record["response"], record["lang"]))
     return record
@@ -152,6 +156,51 @@ def _rejudge(judge, tuples, langs, done: dict, writer: JsonlWriter, english: str
     return len(stale)
 
 
+class Progress:
+    """The evaluation's progress bar. While a batch generates, a status line names it and the
+    bar is redrawn every second (elapsed time moves); the count advances when the batch is
+    judged. Fixed bug: the bar advanced only per batch, and on a real model it sat at 0/32 with
+    nothing moving for minutes, as if hung."""
+
+    def __init__(self, total: int, desc: str, on: bool, n_batches: int, max_new_tokens: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="resp", disable=not on)
+        self.n_batches, self.max_new_tokens = n_batches, max_new_tokens
+
+    @staticmethod
+    def _rate(tokens: int, seconds: float) -> str:
+        return f"{tokens / seconds:.0f} tok/s" if seconds else ""
+
+    @contextlib.contextmanager
+    def generating(self, number: int, answers: int, tokens: int, seconds: float, every: float = 1.0):
+        rate = self._rate(tokens, seconds)
+        self.bar.set_postfix_str(f"{rate + ', ' if rate else ''}batch {number}/{self.n_batches}: generating "
+                                 f"{answers} answers of up to {self.max_new_tokens} tokens")
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(every):
+                self.bar.refresh()
+
+        thread = threading.Thread(target=tick, name="msd-progress", daemon=True)
+        if not self.bar.disable:
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if thread.is_alive():
+                thread.join()
+
+    def advance(self, n: int, tokens: int, seconds: float) -> None:
+        self.bar.set_postfix_str(self._rate(tokens, seconds), refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge: Judge,
              out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -162,8 +211,6 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     `generate_fn` replaces the default generate function (`default_generate()`); `backend` is a
     generation backend (`msd.generation.BACKENDS`, or auto); `identity` adds to what run.json
     records of the model (the adapter: msd.eval.records.identity)."""
-    from tqdm.auto import tqdm
-
     generate = generate_fn or default_generate()
     out_dir = ensure_writable_dir(out_dir)
     identity = rec.identity(model, tokenizer, tuples, identity)  # before --limit: extending is fine
@@ -197,13 +244,14 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     try:
         with JsonlWriter(Path(out_dir) / rec.RECORDS) as writer:
             n_rejudged = _rejudge(judge, tuples, langs, done, writer, english, batch_size)
-            bar = tqdm(total=n_new, desc=f"{benchmark}", unit="resp", disable=not progress)
+            bar = Progress(n_new, benchmark, progress, -(-len(order) // batch_size), max_new_tokens)
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 t0 = time.time()
-                outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
-                                 batch_size=batch_size, seed=seed + start, progress=False, backend=backend)
+                with bar.generating(start // batch_size + 1, len(idx) * num_samples, gen_tokens, gen_seconds):
+                    outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=0, num_samples=num_samples,
+                                    batch_size=batch_size, seed=seed + start, progress=False, backend=backend)
                 gen_seconds += time.time() - t0
                 gen_tokens += sum(len(r) for per in outs for r in per)
                 batch, metas = _new_records([work[i] for i in idx], outs, benchmark, tokenizer,
@@ -212,8 +260,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                     judge_records(judge, batch, metas)
                 finally:  # keep every generated response, judged or not
                     writer.write_many(batch)
-                    bar.update(len(batch))
-                    bar.set_postfix(tok_s=f"{gen_tokens / max(gen_seconds, 1e-9):.0f}")
+                    bar.advance(len(batch), gen_tokens, gen_seconds)
             bar.close()
     finally:
         records = rec.load_records(out_dir)

@@ -11,7 +11,8 @@ deltas. The report warns when compared runs used different judges or generation 
 Modules: runs (loading run folders), markdown (report.md), plots (the PNGs), html (report.html).
 
 Outputs in --out:
-    report.md                    per-language tables with Wilson 95% intervals and deltas
+    report.md                    per-language tables with Wilson 95% intervals and deltas, and
+                                 the share of answers cut at the token limit
     asr_<benchmark>.png          ASR per language, one bar per run, interval whiskers
     asr_split_<benchmark>.png    unsafe vs invalid share per language and run
     overrefusal_<benchmark>.png  benign refusal per language (when benign queries exist)
@@ -30,7 +31,8 @@ from msd.errors import MsdError
 from msd.io import atomic_write_text
 from msd.report import plots
 from msd.report.html import render
-from msd.report.markdown import benign_table, render_markdown, safety_table, utility_table
+from msd.report.markdown import (benign_table, render_markdown, safety_table, truncation_table,
+                                 truncation_title, utility_table)
 from msd.report.runs import groups, load_inputs, top_tokens, warnings_for
 
 __all__ = ["add_parser", "build", "load_inputs", "safety_table", "top_tokens"]
@@ -53,6 +55,7 @@ def build(dirs: list[str], out: str | Path, *, labels: list[str] | None = None,
                 section["tables"].append((f"Attack success rate, {benchmark}", safety_table(runs)))
             if any("n_benign" in m for r in runs for m in r.metrics.values()):
                 section["tables"].append((f"Over-refusal and language fidelity, {benchmark}", benign_table(runs)))
+            section["tables"].append((truncation_title(runs), truncation_table(runs)))
         section["plots"] = plots.plot_section(section, out)
         sections.append(section)
     token_plot = plots.plot_token_weights(trains, out) if trains else None

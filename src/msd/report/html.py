@@ -4,6 +4,8 @@ Sections: the runs and their tables, the plots (base64 PNG), sampled before/afte
 whose verdict changed, and sampled training responses with each token coloured by its DPSW
 weight or by its student-teacher divergence (a toggle switches the colouring; hovering a token
 shows both numbers). Colour intensity is relative to the largest value in that response.
+Tokens show as the text reads, for any tokenizer: a character split over several tokens (byte-level
+BPE, byte-fallback SentencePiece) is one box with their mean weight (msd.tokentext).
 Every piece of text from records or token batches is HTML-escaped.
 """
 
@@ -15,7 +17,7 @@ from html import escape
 from pathlib import Path
 
 from msd.eval import metrics as M
-from msd.report.runs import run_line, section_title
+from msd.report.runs import row_spans, run_line, section_title, span_means
 
 MAX_CHARS = 400  # of an evaluation response shown in the page
 
@@ -30,11 +32,12 @@ img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 .meta{color:#666;font-size:12px;margin-bottom:.2em}
 .toks{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9}
 .t{white-space:pre-wrap;border-radius:2px;padding:1px 0}
+.cut::after{content:"\\2026"}
 .by-w .t{background:rgba(230,120,0,var(--w))}.by-d .t{background:rgba(40,110,230,var(--d))}
 .legend span{display:inline-block;width:70px;height:12px;vertical-align:middle}
 .by-w .lg-d,.by-d .lg-w{display:none}
 button{margin-right:.5em}.pair{display:grid;grid-template-columns:1fr 1fr;gap:.8em}
-.lab{font-weight:600}.safe{color:#2a7a2a}.unsafe{color:#b02a2a}.invalid{color:#777}
+.lab{font-weight:600}.safe,.complied{color:#2a7a2a}.unsafe,.refused{color:#b02a2a}.invalid{color:#777}
 pre{white-space:pre-wrap;margin:.2em 0;font-size:12.5px}
 """
 
@@ -61,7 +64,7 @@ def _pick(keys: list, n: int, salt: str) -> list:
 
 
 def _label(r: dict) -> str:
-    label = r.get("label") or "error"
+    label = M.record_label(r) or "error"
     return f'<span class="lab {escape(label)}">{escape(label)}</span>'
 
 
@@ -71,7 +74,7 @@ def _changed_pairs(runs, samples: int) -> str:
         return ""
     first = {M.record_key(r): r for r in runs[0].records}
     last = {M.record_key(r): r for r in runs[-1].records}
-    common = [k for k in first if k in last and first[k].get("label") != last[k].get("label")]
+    common = [k for k in first if k in last and M.record_label(first[k]) != M.record_label(last[k])]
     if not common:
         return ""
     parts = ["<details><summary>Sampled responses whose verdict changed "
@@ -90,37 +93,24 @@ def _changed_pairs(runs, samples: int) -> str:
     return "\n".join(parts)
 
 
-def show_token(tok: str) -> str:
-    """Byte-level BPE / sentencepiece markers made readable."""
-    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵\n").replace("ĉ", "\t")
-
-
-def display_tokens(tokens: list[str]) -> list[str]:
-    """Token strings as they read in the text. BPE and sentencepiece tokens carry their own
-    space marker; WordPiece marks continuations with '##'; word-level tokens (the organism's)
-    carry nothing, so a space goes between them."""
-    tokens = [str(t) for t in tokens]
-    if any(t.startswith(("Ġ", "▁")) for t in tokens):
-        return [show_token(t) for t in tokens]
+def coloured_tokens(row: dict) -> str:
+    """A saved response as its text reads (msd.report.runs.row_spans), one coloured box per
+    span of whole characters; a character split over several tokens shows their mean weight
+    and divergence. Leading spaces stay outside the box, so the colour marks the word only."""
+    spans = span_means(row)
+    wmax = max((max(0.0, w) for _, w, _, _ in spans), default=0.0) or 1.0
+    dmax = max((max(0.0, d) for _, _, d, _ in spans), default=0.0) or 1.0
     out = []
-    for i, t in enumerate(tokens):
-        if t.startswith("##"):
-            out.append(t[2:])
-        else:
-            out.append(("" if i == 0 else " ") + t)
-    return out
-
-
-def token_spans(row: dict) -> str:
-    ws = [max(0.0, float(w)) for w in row["weights"]]
-    ds = [max(0.0, float(d)) for d in row["divergence"]]
-    wmax, dmax = max(ws, default=0.0) or 1.0, max(ds, default=0.0) or 1.0
-    spans = []
-    for tok, w, d in zip(display_tokens(row["tokens"]), ws, ds):
-        lead = " " if tok.startswith(" ") else ""  # the space between words stays uncoloured
-        spans.append(f'{lead}<span class="t" style="--w:{w / wmax:.3f};--d:{d / dmax:.3f}" '
-                     f'title="weight {w:.3f} · divergence {d:.4f}">{escape(tok[len(lead):])}</span>')
-    return "".join(spans)
+    for text, w, d, n in spans:
+        w, d = max(0.0, w), max(0.0, d)
+        body = text.lstrip(" ")
+        lead = text[:len(text) - len(body)]
+        mean = f" (mean of {n} tokens)" if n > 1 else ""
+        if not text:  # the bytes of a character cut at the token limit: marked, adds no text
+            mean += " · no whole character (cut at the token limit)"
+        out.append(f'{lead}<span class="t{"" if text else " cut"}" style="--w:{w / wmax:.3f};--d:{d / dmax:.3f}" '
+                   f'title="weight {w:.3f} · divergence {d:.4f}{mean}">{escape(body)}</span>')
+    return "".join(out)
 
 
 def _token_section(trains, samples: int) -> str:
@@ -146,7 +136,9 @@ def _token_section(trains, samples: int) -> str:
                     f'<div class="resp"><div class="meta">step {step} · {escape(lang)} · query '
                     f'{escape(str(row.get("query_id", "?")))} · {escape(str(row.get("mode", "?")))} · '
                     f'{len(ws)} tokens · max weight {max(ws, default=0):.2f}</div>'
-                    f'<div class="toks">{token_spans(row)}</div></div>')
+                    f'<div class="toks">{coloured_tokens(row)}</div>'
+                    f'<details><summary>plain text</summary><pre>'
+                    f'{escape("".join(t for t, _, _ in row_spans(row)))}</pre></details></div>')
     return "\n".join(parts)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd.eval import metrics as M
-from msd.report.html import show_token
 from msd.report.runs import EvalRun, TrainRun, lang_name, ordered_langs, run_line, section_title, top_tokens
 
 
@@ -58,6 +57,31 @@ def benign_table(runs: list[EvalRun]) -> list[list[str]]:
                             extra_label="fidelity %", extra=lambda m: _pct(m.get("fidelity")))
 
 
+def _cut(m: dict) -> str:
+    if not m:
+        return "–"
+    if m.get("truncated_rate") is None:  # records written before msd recorded it
+        return "unknown"
+    return f"{100 * m['truncated_rate']:.1f} ({m['truncated']})"
+
+
+def truncation_table(runs: list[EvalRun]) -> list[list[str]]:
+    """Per-language share of answers cut at the token limit (count in brackets), one column per
+    run; `unknown` where the records do not say, never 0."""
+    rows = [["language"] + [f"cut at token limit % {r.label}" for r in runs]]
+    for key in ordered_langs(runs) + [M.AVERAGE]:
+        ms = [r.metrics.get(key, {}) for r in runs]
+        if any(ms):
+            name = "**average**" if key == M.AVERAGE else lang_name(key)
+            rows.append([name] + [_cut(m) for m in ms])
+    return rows
+
+
+def truncation_title(runs: list[EvalRun]) -> str:
+    limits = sorted({str((r.info.get("settings") or {}).get("max_new_tokens", "?")) for r in runs})
+    return f"Answers cut at the token limit (max_new_tokens {', '.join(limits)})"
+
+
 def utility_table(runs: list[EvalRun]) -> list[list[str]]:
     tasks = list(dict.fromkeys(t for r in runs for t in r.metrics if t != M.AVERAGE)) + [M.AVERAGE]
     return comparison_table(runs, tasks, first="task", main="score", main_label="score %", count="n",
@@ -70,8 +94,11 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _md_token(tok: str) -> str:
-    return repr(show_token(str(tok)))[1:-1].replace("|", "\\|").replace("`", "'")
+def _md_token(text: str) -> str:
+    """A token's text in a table cell: as it reads, with only line breaks and tabs escaped
+    (repr() would also escape a zero-width joiner, breaking emoji sequences)."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\t", "\\t").replace("|", "\\|").replace("`", "'"))
 
 
 def render_markdown(sections: list[dict], trains: list[TrainRun], token_plot: Path | None) -> str:
@@ -90,7 +117,9 @@ def render_markdown(sections: list[dict], trains: list[TrainRun], token_plot: Pa
         for t in trains:
             steps = sorted({row.get("step") for row in t.batches})
             lines.append(f"- **{t.label}**: `{t.path}` — {len(t.batches)} saved responses from steps {steps}")
-        lines += ["", "Tokens with the highest mean DPSW weight (weights average 1 within a response):", "",
+        lines += ["", "Tokens with the highest mean DPSW weight (weights average 1 within a response), "
+                  "as the text reads: a character split over several tokens counts once, with their "
+                  "mean weight:", "",
                   markdown_table([["token", "mean weight", "mean divergence", "count"]] +
                                  [[f"`{_md_token(tok)}`", f"{w:.2f}", f"{d:.3f}", str(n)]
                                   for tok, w, d, n in top_tokens(trains)]), ""]

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msd import languages
+from msd import languages, tokentext
 from msd.errors import MsdError
 from msd.eval import metrics as M
 from msd.eval import records as rec
@@ -61,20 +61,97 @@ def load_eval_run(path: Path, label: str) -> EvalRun:
     return EvalRun(label, path, kind, benchmark, records, info, M.compute(records))
 
 
+def _check_batch_row(row, where: str) -> None:
+    """A token batch row: ids (or, in runs saved before spans were, raw `tokens`), weights and
+    divergence of one length, and spans that cover the tokens in order."""
+    if not isinstance(row, dict):
+        raise MsdError("token batch rows must be JSON objects", where)
+    tokens = row.get("ids", row.get("tokens"))
+    weights, div = row.get("weights"), row.get("divergence")
+    if not (isinstance(tokens, list) and isinstance(weights, list) and isinstance(div, list)):
+        raise MsdError("token batch rows need lists 'ids' (or 'tokens'), 'weights', 'divergence'", where)
+    if not len(tokens) == len(weights) == len(div):
+        raise MsdError(f"tokens/weights/divergence lengths differ ({len(tokens)}, {len(weights)}, "
+                       f"{len(div)})", where)
+    if "spans" in row:
+        spans, pos = row["spans"], 0
+        for s in spans if isinstance(spans, list) else [None]:
+            if not (isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and s[1] == pos
+                    and isinstance(s[2], int) and s[2] > pos):
+                raise MsdError("'spans' must be [text, start, end] lists covering the tokens in order", where)
+            pos = s[2]
+        if pos != len(tokens):
+            raise MsdError(f"'spans' cover {pos} of {len(tokens)} tokens", where)
+
+
+def row_spans(row: dict) -> list[tuple[str, int, int]]:
+    """(text, start, end) of a saved response: the spans saved with it, or for rows saved before
+    spans were, rebuilt from its raw pieces (msd.tokentext.piece_spans). Every token view
+    (report.html, report.md) reads them here."""
+    if "spans" in row:
+        return [(str(t), int(a), int(b)) for t, a, b in row["spans"]]
+    return tokentext.piece_spans(row["tokens"])
+
+
 def load_token_batches(path: Path, label: str) -> TrainRun:
     folder = path / "token_batches"
     files = sorted(folder.glob("step_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1].isdigit() else 0)
     batches = []
     for f in files:
         for i, row in enumerate(read_jsonl(f), start=1):
-            tokens, weights, div = row.get("tokens"), row.get("weights"), row.get("divergence")
-            if not (isinstance(tokens, list) and isinstance(weights, list) and isinstance(div, list)):
-                raise MsdError("token batch rows need lists 'tokens', 'weights', 'divergence'", f"{f}:{i}")
-            if not len(tokens) == len(weights) == len(div):
-                raise MsdError(f"tokens/weights/divergence lengths differ ({len(tokens)}, {len(weights)}, "
-                               f"{len(div)})", f"{f}:{i}")
+            _check_batch_row(row, f"{f}:{i}")
             batches.append(row)
     return TrainRun(label, path, batches)
+
+
+TRAINING_FILES = ("config.yaml", "logs.jsonl", "final", "baseline_data.jsonl")
+SEARCH_DIRS = 2000  # folders looked at for a training run's evaluations
+
+
+def evaluations_of(train_dir: Path) -> list[Path]:
+    """Evaluation run folders (records.jsonl + run.json) whose adapter lies in `train_dir`,
+    looked for in it and next to it (two levels down from its parent)."""
+    root, parent = train_dir.resolve(), train_dir.resolve().parent
+    found, seen = [], 0
+    for depth in ("*", "*/*"):
+        for d in sorted(parent.glob(depth)):
+            seen += 1
+            if seen > SEARCH_DIRS:
+                return found
+            if not (d / rec.RECORDS).is_file():
+                continue
+            try:
+                info = rec.load_run(d)
+            except MsdError:
+                continue
+            adapter = (info.get("settings") or {}).get("adapter") or info.get("adapter")
+            adapter = adapter.get("path") if isinstance(adapter, dict) else adapter
+            if isinstance(adapter, str) and adapter and root in (Path(adapter).resolve(), *Path(adapter).resolve().parents):
+                found.append(d)
+    return found
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _not_a_run(path: Path) -> str:
+    """Why a folder cannot be reported on; for a training run without token batches (every
+    baseline's output), the evaluation folders to pass instead."""
+    plain = f"neither an evaluation run ({rec.RECORDS}) nor a training run (token_batches/)"
+    if not any((path / name).exists() for name in TRAINING_FILES):
+        return plain
+    evals = evaluations_of(path)
+    why = ("a training run without token_batches/ (a baseline's has none: there is no per-token "
+           "DPSW weight or teacher divergence to show); msd report takes its evaluation runs")
+    if evals:
+        return f"{why}: pass {' '.join(_shown(e) for e in evals)} instead"
+    return (f"{why}, and none was found next to it: run msd eval safety ... --adapter {path / 'final'} "
+            "--out FOLDER, then pass FOLDER")
 
 
 def load_inputs(dirs: list[str], labels: list[str] | None = None) -> tuple[list[EvalRun], list[TrainRun]]:
@@ -85,8 +162,7 @@ def load_inputs(dirs: list[str], labels: list[str] | None = None) -> tuple[list[
             raise MsdError("not a folder", str(path))
         is_eval, is_train = (path / rec.RECORDS).exists(), (path / "token_batches").is_dir()
         if not (is_eval or is_train):
-            raise MsdError(f"neither an evaluation run ({rec.RECORDS}) nor a training run "
-                           "(token_batches/)", str(path))
+            raise MsdError(_not_a_run(path), str(path))
         if is_eval:
             evals.append(load_eval_run(path, label))
         if is_train:
@@ -144,16 +220,27 @@ def warnings_for(runs: list[EvalRun]) -> list[str]:
     return out
 
 
+def span_means(row: dict) -> list[tuple[str, float, float, int]]:
+    """(text, mean weight, mean divergence, tokens) per span of a saved response: a character
+    split over several tokens carries the mean of their weights and divergences."""
+    out = []
+    for text, a, b in row_spans(row):
+        w, d = row["weights"][a:b], row["divergence"][a:b]
+        out.append((text, sum(map(float, w)) / len(w), sum(map(float, d)) / len(d), b - a))
+    return out
+
+
 def top_tokens(trains: list[TrainRun], k: int = 20, min_count: int = 3) -> list[tuple[str, float, float, int]]:
-    """Tokens with the highest mean DPSW weight over all saved responses: (token, mean weight,
-    mean divergence, count). These are the tokens the method leaned on."""
+    """Tokens (spans of whole characters, as the text reads) with the highest mean DPSW weight
+    over all saved responses: (text, mean weight, mean divergence, count). These are the tokens
+    the method leaned on."""
     acc: dict[str, list[float]] = {}
     for run in trains:
         for row in run.batches:
-            for tok, w, d in zip(row["tokens"], row["weights"], row["divergence"]):
-                a = acc.setdefault(tok, [0.0, 0.0, 0])
-                a[0] += float(w)
-                a[1] += float(d)
+            for text, w, d, _ in span_means(row):
+                a = acc.setdefault(text, [0.0, 0.0, 0])
+                a[0] += w
+                a[1] += d
                 a[2] += 1
     stats = [(t, a[0] / a[2], a[1] / a[2], int(a[2])) for t, a in acc.items() if a[2] >= min_count]
     return sorted(stats, key=lambda s: -s[1])[:k]

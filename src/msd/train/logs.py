@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from msd import families
+from msd import families, tokentext
 from msd.config import to_dict
 from msd.errors import MsdError
 from msd.io import JsonlWriter, atomic_write_text, read_jsonl
@@ -44,12 +44,16 @@ def accumulate_stats(stats, out, responses, rows, tokenizer, refusal_check, accu
 
 
 def save_token_batch(path: Path, step: int, mode: str, batch, responses, out, tokenizer) -> None:
-    """One record per response: tokens with their DPSW weight and divergence (for `msd report`)."""
+    """One record per response: its token ids, their text as spans of whole characters
+    ([text, start, end], msd.tokentext.token_spans), and each token's DPSW weight and divergence
+    (for `msd report`). Fixed bug: the raw pieces were saved (`convert_ids_to_tokens`), which
+    for a byte-level BPE are bytes in disguise (`à¤ħ`), unreadable outside English."""
     rows = []
     for i, (it, resp) in enumerate(zip(batch, responses)):
         n = len(resp)
         rows.append({"step": step, "mode": mode, "lang": it.lang, "query_id": it.query_id,
-                     "tokens": tokenizer.convert_ids_to_tokens(resp),
+                     "ids": [int(t) for t in resp],
+                     "spans": [list(s) for s in tokentext.token_spans(tokenizer, resp)],
                      "weights": [round(float(x), 5) for x in out.w_BT[i, :n].tolist()],
                      "divergence": [round(float(x), 6) for x in out.div_BT[i, :n].tolist()]})
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from msd import families
 from msd.baselines.data import BASELINE_DATA, Pair
 from msd.data import load_tuples
 from msd.generation import generate
@@ -71,11 +72,13 @@ def self_generated(cfg, model, tokenizer, progress: bool = True) -> list[Pair]:
     chosen = responses.teacher_samples(cfg, run, tokenizer, items, cache_dir, progress)
     rejected = student_samples(cfg, state, model, tokenizer, items,
                                student_cache_path(cfg, cache_dir, items, model), progress)
-    out = []
+    out, config = [], families.model_config(model)
     for it in items:
         for good, bad in zip(chosen[it.key], rejected[it.key]):
-            good_text = tokenizer.decode(good, skip_special_tokens=True).strip()
-            bad_text = tokenizer.decode(bad, skip_special_tokens=True).strip()
+            # The answers as msd eval judges them: no special or added token, no U+FFFD where a
+            # sample was cut inside a character.
+            good_text = families.decode_answer(tokenizer, good, config)[0].strip()
+            bad_text = families.decode_answer(tokenizer, bad, config)[0].strip()
             if good_text and bad_text:  # an empty sample (EOS first) teaches nothing
                 out.append(Pair(texts[it.query_id][it.lang], good_text, bad_text, it.lang))
     return out
