@@ -58,7 +58,8 @@ class DataConfig:
     languages: list[str] = _f([], "Student languages (codes). Empty = every non-English language in the source.")
     english: str = _f("en", "Code of the pivot language whose query the teacher is shown.", nonempty=True)
     english_as_student: bool = _f(False, "Also train on English queries (teacher then sees the English query twice). [ours: off]")
-    heldout_fraction: float = _f(0.1, "Share of query ids held out from training (deterministic by id and seed).", ge=0, lt=1,
+    heldout_by: str | None = _f(None, "Hold out whole groups rather than single queries: a meta field of the data (e.g. 'tags', MultiJail's harm categories, by the first tag; 'category' for PolyRefuse), so no held-out query shares its intent with a training one. None = by query id.")
+    heldout_fraction: float = _f(0.1, "Share of query ids (or of heldout_by groups) held out from training (deterministic by id and seed).", ge=0, lt=1,
                                  note="1 would hold out all queries, leaving none to train on")
     limit: int | None = _f(None, "Use at most this many training tuples (after the split).", ge=1)
     seed: int = _f(0, "Seed of the train/held-out split.", ge=0, lt=2**32)

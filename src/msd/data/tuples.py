@@ -59,11 +59,23 @@ def is_heldout(tuple_id: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def split(tuples: list[QueryTuple], fraction: float, seed: int) -> tuple[list[QueryTuple], list[QueryTuple]]:
-    """(train, heldout), deterministic by id and seed."""
-    train = [t for t in tuples if not is_heldout(t.id, fraction, seed)]
-    held = [t for t in tuples if is_heldout(t.id, fraction, seed)]
-    return train, held
+def split(tuples: list[QueryTuple], fraction: float, seed: int,
+          by: str | None = None) -> tuple[list[QueryTuple], list[QueryTuple]]:
+    """(train, heldout), deterministic by id and seed; with `by`, by the meta field `by`
+    instead (a list counts by its first entry, e.g. MultiJail's primary harm tag), so whole
+    groups (intents) are held out and no held-out query shares its group with a training one."""
+    def key(t: QueryTuple) -> str:
+        if by is None:
+            return t.id
+        value = t.meta.get(by)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is None or value == "":
+            raise MsdError(f"query {t.id!r} has no {by!r} to split by", "data.heldout_by")
+        return f"{by}={value}"
+
+    held = [is_heldout(key(t), fraction, seed) for t in tuples]
+    return [t for t, h in zip(tuples, held) if not h], [t for t, h in zip(tuples, held) if h]
 
 
 def benign(tuples: list[QueryTuple]) -> list[QueryTuple]:

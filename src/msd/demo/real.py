@@ -28,8 +28,10 @@ class RealDemo:
     config: Path  # the MSD training YAML (model, data languages, LoRA, rollout, loss, train)
     english: tuple[str, ...] = ("en",)
     unseen: tuple[str, ...] = ()  # evaluated, never trained on
+    harmful: str = "multijail"  # held-out harmful queries (the held-out split if it is the training source)
+    benign: str = "mgsm-prompts"  # held-out benign prompts, likewise
     n_harmful: int = 48  # held-out harmful queries per language
-    n_benign: int = 24  # held-out PolyRefuse harmless queries per language
+    n_benign: int = 24  # held-out benign prompts per language
     n_xstest: int = 24  # XSTest safe prompts (English)
     max_new_tokens: int = 40  # the keyword judge reads the start of an answer
     batch_size: int = 48

@@ -21,38 +21,54 @@ from msd.data import QueryTuple
 @dataclass
 class DemoData:
     train: list[QueryTuple]  # what training receives (it takes its own split of these)
-    train_ids: set[str]  # the ids training actually uses (split, then data.limit)
+    train_used: list[QueryTuple]  # the tuples training actually uses (split, then data.limit)
     harmful: list[QueryTuple]  # held-out harmful queries
-    benign: list[QueryTuple]  # held-out harmless queries
+    benign: list[QueryTuple]  # held-out benign prompts
     xstest: list[QueryTuple]  # XSTest safe prompts (English)
-    source: str
+    sources: dict
 
     def disjoint(self) -> dict:
-        evaluated = {t.id for t in self.harmful + self.benign}
-        both = sorted(evaluated & self.train_ids)
-        return {"pass": not both, "evaluated_ids": len(evaluated), "train_ids": len(self.train_ids),
-                "overlap": both[:10]}
+        """No evaluated query is a training query: neither its id nor its English text."""
+        def norm(t: QueryTuple) -> str:
+            return " ".join(t.texts.get("en", "").casefold().split())
+
+        evaluated = self.harmful + self.benign + self.xstest
+        ids = sorted({t.id for t in evaluated} & {t.id for t in self.train_used})
+        texts = {norm(t) for t in self.train_used} - {""}
+        same_text = sorted(t.id for t in evaluated if norm(t) in texts)
+        return {"pass": not ids and not same_text, "evaluated": len(evaluated), "trained": len(self.train_used),
+                "same_id": ids[:10], "same_english_text": same_text[:10]}
 
     def describe(self) -> dict:
-        return {"source": self.source, "train_queries": len(self.train_ids),
+        return {**self.sources, "train_queries": len(self.train_used),
                 "heldout_harmful": [t.id for t in self.harmful], "heldout_benign": [t.id for t in self.benign],
                 "xstest_safe": [t.id for t in self.xstest]}
 
 
 def demo_data(cfg, spec, langs: list[str]) -> DemoData:
-    """Held-out queries that have every language in `langs`, by the training config's split."""
+    """Training tuples and the evaluation sets: `spec.harmful` and `spec.benign` queries that
+    have every language in `langs`, from the held-out split when the set is the training
+    source itself (the training config's split: data.heldout_fraction, heldout_by, seed)."""
     from msd.data import load_tuples
     from msd.data.tuples import split
 
+    def parts(source: str):
+        return split(load_tuples(source, cfg.data.english), cfg.data.heldout_fraction, cfg.data.seed,
+                     cfg.data.heldout_by)
+
     tuples = load_tuples(cfg.data.source, cfg.data.english)
-    train, held = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
-    if cfg.data.limit:
-        train = train[: cfg.data.limit]
-    complete = [t for t in held if all(t.texts.get(c) for c in langs)]
-    harmful = [t for t in complete if t.meta.get("harmful", True)][: spec.n_harmful]
-    benign = [t for t in complete if not t.meta.get("harmful", True)][: spec.n_benign]
+    train = parts(cfg.data.source)[0]
+    train = train[: cfg.data.limit] if cfg.data.limit else train
+
+    def held(source: str, harmful: bool, n: int) -> list[QueryTuple]:
+        pool = parts(source)[1] if source == cfg.data.source else load_tuples(source, cfg.data.english)
+        return [t for t in pool if t.meta.get("harmful", True) == harmful
+                and all(t.texts.get(c) for c in langs)][:n]
+
     xstest = [t for t in load_tuples("xstest") if not t.meta.get("harmful", True)][: spec.n_xstest]
-    return DemoData(tuples, {t.id for t in train}, harmful, benign, xstest, cfg.data.source)
+    sources = {"train": cfg.data.source, "harmful": spec.harmful, "benign": spec.benign, "xstest": "xstest"}
+    return DemoData(tuples, train, held(spec.harmful, True, spec.n_harmful), held(spec.benign, False, spec.n_benign),
+                    xstest, sources)
 
 
 def evaluate(model, tokenizer, data: DemoData, langs: list[str], out: Path, spec, seed: int,
@@ -69,8 +85,8 @@ def evaluate(model, tokenizer, data: DemoData, langs: list[str], out: Path, spec
     if teacher:
         langs = [c for c in langs if c not in spec.english]
     builder = PromptBuilder(tokenizer, context=teacher or "full")
-    metrics = run_eval(model, tokenizer, data.harmful + data.benign, langs, judge, out / "polyrefuse",
-                       benchmark="polyrefuse-heldout", prompt_builder=builder,
+    metrics = run_eval(model, tokenizer, data.harmful + data.benign, langs, judge, out / "heldout",
+                       benchmark="heldout", prompt_builder=builder,
                        teacher_prompts=bool(teacher), **kw)
     result = {c: rates(metrics.get(c, {})) for c in langs}
     if not teacher and data.xstest:
@@ -168,7 +184,7 @@ def samples(out: Path, langs: list[str], k: int) -> dict:
     from msd.io import read_jsonl
 
     def records(stage: str) -> dict:
-        path = out / stage / "polyrefuse" / "records.jsonl"
+        path = out / stage / "heldout" / "records.jsonl"
         if not path.exists():
             return {}
         return {(r["lang"], r["query_id"]): r for r in read_jsonl(path) if r.get("harmful", True)}

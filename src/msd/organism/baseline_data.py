@@ -16,7 +16,7 @@ from msd.organism import world
 
 def organism_examples(cfg, model=None, tokenizer=None, progress: bool = True) -> list[Pair]:
     tuples = load_tuples(cfg.data.source, cfg.data.english)
-    tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
+    tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed, cfg.data.heldout_by)
     if cfg.data.limit:
         tuples = tuples[: cfg.data.limit]
     langs = cfg.data.languages or [c for c in world.SYNTHETIC if world.LANG[c].role == "trained"]

@@ -100,7 +100,7 @@ def training_items(cfg, tuples, tokenizer, world: int) -> list[Item]:
     """The training split of the data as items, enough for one micro-batch per process."""
     if tuples is None:
         tuples = load_tuples(cfg.data.source, cfg.data.english)
-    train_tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed)
+    train_tuples, _ = split(tuples, cfg.data.heldout_fraction, cfg.data.seed, cfg.data.heldout_by)
     if not train_tuples:  # Fixed bug: this was reported as a data.languages problem
         raise MsdError(f"data.heldout_fraction={cfg.data.heldout_fraction} holds out all {len(tuples)} "
                        "queries; lower it", "data.heldout_fraction")
