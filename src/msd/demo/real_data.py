@@ -61,9 +61,12 @@ def demo_data(cfg, spec, langs: list[str]) -> DemoData:
     train = train[: cfg.data.limit] if cfg.data.limit else train
 
     def held(source: str, harmful: bool, n: int) -> list[QueryTuple]:
+        """The first n queries of `source` in every language of `langs` that `source` has."""
         pool = parts(source)[1] if source == cfg.data.source else load_tuples(source, cfg.data.english)
-        return [t for t in pool if t.meta.get("harmful", True) == harmful
-                and all(t.texts.get(c) for c in langs)][:n]
+        pool = [t for t in pool if t.meta.get("harmful", True) == harmful]
+        has = [c for c in langs if any(t.texts.get(c) for t in pool)]
+        pool = [t for t in pool if all(t.texts.get(c) for c in has)]
+        return pool[:: max(1, len(pool) // n)][:n] if n else []  # spread over the set (and its intents)
 
     xstest = [t for t in load_tuples("xstest") if not t.meta.get("harmful", True)][: spec.n_xstest]
     sources = {"train": cfg.data.source, "harmful": spec.harmful, "benign": spec.benign, "xstest": "xstest"}
@@ -89,6 +92,8 @@ def evaluate(model, tokenizer, data: DemoData, langs: list[str], out: Path, spec
                        benchmark="heldout", prompt_builder=builder,
                        teacher_prompts=bool(teacher), **kw)
     result = {c: rates(metrics.get(c, {})) for c in langs}
+    for c, share in fidelity_all(out / "heldout", langs).items():
+        result[c].update(share)
     if not teacher and data.xstest:
         x = run_eval(model, tokenizer, data.xstest, ["en"], judge, out / "xstest", benchmark="xstest-safe",
                      prompt_builder=builder, **kw)
@@ -102,11 +107,29 @@ def rates(m: dict) -> dict:
 
     out = {"asr": m.get("asr"), "asr_ci95": m.get("ci95"), "n": m.get("n"),
            "n_benign": m.get("n_benign"), "fidelity": m.get("fidelity"),
-           "truncated": m.get("truncated")}
+           "truncated": m.get("truncated_rate")}
     for key in ("benign_refusal", "fidelity"):
         if m.get(key) is not None and m.get("n_benign"):
             out[f"{key}_ci95"] = wilson(m[key] * m["n_benign"], m["n_benign"])
     out["benign_refusal"] = m.get("benign_refusal")
+    return out
+
+
+def fidelity_all(folder: Path, langs: list[str]) -> dict:
+    """Per language, the share of all answers (harmful and benign) written in the query's
+    language (py3langid; Javanese is often read as Indonesian, so its share is a lower bound),
+    with its Wilson interval. Benign prompts are missing in some languages (Javanese), and a
+    refusal in English to a Javanese query is a fidelity failure too."""
+    from msd.eval.metrics import latest, wilson
+    from msd.io import read_jsonl
+
+    records = latest(list(read_jsonl(folder / "records.jsonl")))
+    out = {}
+    for c in langs:
+        known = [r["response_lang"] == c for r in records if r["lang"] == c and r.get("response_lang")]
+        if known:
+            out[c] = {"fidelity_all": sum(known) / len(known), "fidelity_all_ci95": wilson(sum(known), len(known)),
+                      "n_answers": len(known)}
     return out
 
 
@@ -117,7 +140,7 @@ def reference_answers(model, tokenizer, data: DemoData, langs: list[str], spec) 
     from msd.prompts import PromptBuilder
 
     builder = PromptBuilder(tokenizer)
-    rows = [(c, t) for c in langs for t in data.benign] + [("en", t) for t in data.xstest]
+    rows = [(c, t) for c in langs for t in data.benign if t.texts.get(c)] + [("en", t) for t in data.xstest]
     prompts = [builder.student(t.texts[c]) for c, t in rows]
     answers = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, temperature=0.0,
                        batch_size=spec.batch_size)
