@@ -82,3 +82,14 @@ def test_the_halfway_goal_needs_the_teacher_to_lower_asr():
 def test_organism_options_are_refused_for_a_real_model(capsys):
     assert main(["demo", "--model", "smollm2", "--ablations", "--out", "unused"]) == 2
     assert "--ablations" in capsys.readouterr().err
+
+
+def test_baselines_run_beside_msd_in_one_table(tiny_demo, tmp_path):
+    out = tmp_path / "out"
+    summary = run_real_demo(tiny_demo, out, progress=False, baselines=True)
+    assert set(summary["baselines"]) == {"msd_on_policy", "sft", "dpo"}
+    for name in ("sft", "dpo"):
+        assert (out / "baselines" / name / "train" / "final" / "adapter_model.safetensors").exists()
+        assert summary["baselines"][name]["bn"]["n"] == 3
+    report = (out / "report.md").read_text()
+    assert "## Baselines" in report and "| sft |" in report and "| dpo |" in report
