@@ -7,16 +7,17 @@ prompt ("teacher_before", what the student is distilled towards); train MSD (LoR
 DPSW); evaluate again ("after"); measure kept capability; write summary.json, report.md and a
 plot. Docs and findings: docs/REAL_MODEL.md.
 
-Data (`msd.demo.real_data`): PolyRefuse harmful + harmless queries, split by query id with the
-training config's own split (`data.heldout_fraction`, `data.seed`): MSD trains on one part and
-every figure here is measured on the other, so no evaluated query is ever trained on (checked
-and written to summary.json). XSTest's safe prompts (English) add a second benign set.
+Data (`msd.demo.real_data`): the training config's source split by its own rule
+(`data.heldout_by`, `data.heldout_fraction`, `data.seed`; for SmolLM2, MultiJail split by harm
+category): MSD trains on one part and every harmful figure here is measured on the other, so no
+evaluated query is ever trained on (checked by id and English text, written to summary.json).
+Benign prompts: MGSM questions where MGSM has the language, and XSTest's safe prompts (English).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from msd.demo.steps import DEMO_CONFIG
@@ -36,7 +37,6 @@ class RealDemo:
     max_new_tokens: int = 40  # the keyword judge reads the start of an answer
     batch_size: int = 48
     samples: int = 3  # answers shown per language in the report
-    notes: dict = field(default_factory=dict)
 
 
 REAL_DEMOS = {
@@ -92,7 +92,7 @@ def run_real_demo(name: str, out: Path, seed: int = 0, overrides=(), progress: b
                                             spec, seed, progress)
         trained_ll = real_data.answer_loglik(result.model, result.tokenizer, reference)
 
-    summary.update({key: value for key, value in evals.items()})
+    summary.update(evals)
     summary["capability"] = real_data.capability(base_ll, trained_ll, reference)
     summary["heldout_never_trained"] = data.disjoint()
     summary["seconds"] = stages.seconds
