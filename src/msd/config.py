@@ -98,7 +98,7 @@ class TrainConfig:
     output_dir: str = _f("runs/train", "Where checkpoints, logs, the resolved config and the final model go.", nonempty=True)
     lr: float = _f(1e-5, "Peak learning rate (AdamW).", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
-    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly.", ge=0, le=1)
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly: round(ratio x steps) warm-up steps at (s+1)/(W+1) of train.lr, so the first step's rate is never 0 (msd.train.schedule; msd baseline uses the same).", ge=0, le=1)
     schedule: str = _f("cosine", "LR decay after warm-up: cosine, linear, constant.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", ge=0)
     batch_size: int = _f(8, "Queries per micro-batch per process.", ge=1)

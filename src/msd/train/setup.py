@@ -4,7 +4,6 @@ teacher, optimizer and schedule, prepared for the engine."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from msd.errors import MsdError
 from msd.losses import check_jsd_beta
 from msd.models import Teacher, apply_lora, is_peft
 from msd.train import sharding
+from msd.train.schedule import make_scheduler
 
 WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -91,23 +91,6 @@ def master_weights(model, mixed_precision: str, accelerator):
                        "train.mixed_precision=bf16 (float32 master weights, bf16 compute), "
                        "model.dtype=float32, or lora.enabled=true", "train.mixed_precision")
     return model.float()
-
-
-def make_scheduler(optimizer, tc, total_steps: int):
-    """Linear warm-up, then cosine, linear or constant (train.schedule)."""
-    warmup = int(round(tc.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if tc.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if tc.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
