@@ -41,7 +41,7 @@ def _f(default, help: str, **bounds):
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("organism", "Hugging Face hub id, local folder, or a registered model source ('organism' is the embedded model organism, built on first use).", nonempty=True)
-    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16. bfloat16 on a CPU without bfloat16 instructions is emulated (a warning; an error with --strict).")
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code to run. Off unless you trust the repo.")
     chat_template: str | None = _f(None, "Jinja chat template to use instead of the tokenizer's: a file path, or the text itself (it has a newline or a brace, or starts with 'text:').", path=True)
     attn_implementation: str | None = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = library default.")
@@ -111,7 +111,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     epochs: int = _f(1, "Passes over the training tuples x languages.", ge=1)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
-    mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16.")
+    mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16. On a CPU without bfloat16 instructions bf16 is emulated (a warning; an error with --strict).")
+    threads: int = _f(0, "CPU threads of torch per process; 0 = MSD_THREADS or OMP_NUM_THREADS if set, else the cores this process may use (os.sched_getaffinity) / the processes on this machine.", ge=0)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     seed: int = _f(0, "Seed for sampling, shuffling and initialisation.", ge=0, lt=2**32)
     log_every: int = _f(1, "Log every N optimizer steps.", ge=1)

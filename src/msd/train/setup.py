@@ -12,11 +12,23 @@ import torch
 
 from msd.errors import MsdError
 from msd.losses import check_jsd_beta
-from msd.models import Teacher, apply_lora, is_peft
+from msd import machine
+from msd.machine import WORLD_SIZE_VARS
+from msd.models import Teacher, apply_lora, is_peft, resolve_dtype
 from msd.train import sharding
 from msd.train.schedule import make_scheduler
 
-WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def start_line(command: str, cfg, strict: bool) -> None:
+    """What `msd train` and `msd baseline` do first (msd.machine.start): the bfloat16 check,
+    torch's threads (train.threads), and the line naming them with the run's settings."""
+    dtype = cfg.model.dtype
+    shown = dtype if dtype != "auto" else f"auto ({str(resolve_dtype(dtype)).removeprefix('torch.')})"
+    machine.start(command, {"model.dtype": shown, "train.mixed_precision": cfg.train.mixed_precision,
+                            "lora.enabled": cfg.lora.enabled, "train.mode": cfg.train.mode},
+                  threads=cfg.train.threads, threads_key="train.threads", bf16=machine.bf16_asked(cfg),
+                  strict=strict)
 
 
 def make_accelerator(tc):
@@ -24,7 +36,7 @@ def make_accelerator(tc):
     from accelerate import Accelerator
 
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
-            and not any(v in os.environ for v in WORLD_VARS):  # --cpu without mpirun: one process
+            and not any(v in os.environ for v in WORLD_SIZE_VARS):  # --cpu without mpirun: one process
         raise MsdError("`accelerate launch --cpu --num_processes N` starts a single process; for N "
                        "CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo "
                        "without GPUs) or --config_file configs/accelerate/cpu_ddp.yaml")
