@@ -34,11 +34,12 @@ def threads_restored():
 
 @pytest.fixture
 def auto_env(monkeypatch):
-    """No thread count from the environment, one process, 8 cores in this process's mask."""
+    """No thread count from the environment, one process, 8 cores in this process's mask, idle."""
     for var in ("MSD_THREADS", "OMP_NUM_THREADS", *machine.LOCAL_SIZE_VARS, *machine.LOCAL_RANK_VARS,
                 *machine.WORLD_SIZE_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.0, 0.0, 0.0), raising=False)  # an idle machine
     return monkeypatch
 
 
@@ -82,6 +83,21 @@ def test_train_sets_and_prints_threads(tmp_path, tiny_model_dir, query_file, aut
     # train.threads may change on resume: it does not change what is trained
     assert main([*argv, f"train.output_dir={tmp_path / 'b'}", "train.max_steps=2", "train.threads=1"]) == 0
     assert "resuming from" in capsys.readouterr().out
+
+
+def test_a_busy_machine_is_named_in_the_line(auto_env, capsys, threads_restored):
+    auto_env.setattr(machine.os, "cpu_count", lambda: 8)
+    auto_env.setattr(machine.os, "getloadavg", lambda: (9.5, 9.0, 8.0), raising=False)
+    machine.start("eval safety", {"--dtype": "float32"}, threads_key="--threads", device="cpu")
+    line = capsys.readouterr().out
+    assert line.startswith("msd eval safety: cpu (bfloat16 ") and line.count("\n") == 1
+    assert ", 1 process, 8 threads (8 cores / 1 process; the machine is busy, load 9.5 on 8 cores: " \
+           "--threads 1 may run faster); --dtype=float32" in line
+    machine.start("train", {}, threads=2, threads_key="train.threads", device="cpu")  # the user's choice
+    assert "2 threads (train.threads); " in capsys.readouterr().out
+    auto_env.setattr(machine.os, "getloadavg", lambda: (3.0, 3.0, 3.0), raising=False)
+    machine.start("train", {}, threads_key="train.threads", device="cpu")
+    assert "8 threads (8 cores / 1 process); " in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- bfloat16

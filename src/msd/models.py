@@ -35,6 +35,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_label(name: str) -> str:
+    """A dtype setting as a run's first line shows it: 'auto (float32)', 'bfloat16'."""
+    return name if name != "auto" else f"auto ({str(resolve_dtype(name)).removeprefix('torch.')})"
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A registered model source (e.g. 'organism') -> its folder; local folders are checked;
     anything else is taken as a hub id."""

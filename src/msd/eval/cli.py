@@ -193,15 +193,14 @@ def load_model(args):
 def start(args, command: str, settings: dict) -> None:
     """The machine check and the first line of an eval run (msd.machine.start)."""
     from msd import machine
-    from msd.models import resolve_dtype
+    from msd.models import dtype_label
 
     if args.threads < 0:
         raise MsdError(f"must be at least 0, got {args.threads}", "--threads")
-    dtype = args.dtype if args.dtype != "auto" else f"auto ({str(resolve_dtype('auto')).removeprefix('torch.')})"
     bf16 = {"--dtype bfloat16": "--dtype float32"} if args.dtype == "bfloat16" else {}
     # device: msd eval generates where load_model leaves the model, on the CPU
-    machine.start(command, {"--dtype": dtype, **settings}, threads=args.threads, threads_key="--threads",
-                  bf16=bf16, strict=args.strict, device="cpu")
+    machine.start(command, {"--dtype": dtype_label(args.dtype), **settings}, threads=args.threads,
+                  threads_key="--threads", bf16=bf16, strict=args.strict, device="cpu")
 
 
 def _identity(args) -> dict:

@@ -14,7 +14,7 @@ from msd.errors import MsdError
 from msd.losses import check_jsd_beta
 from msd import machine
 from msd.machine import WORLD_SIZE_VARS
-from msd.models import Teacher, apply_lora, is_peft, resolve_dtype
+from msd.models import Teacher, apply_lora, dtype_label, is_peft
 from msd.train import sharding
 from msd.train.schedule import make_scheduler
 
@@ -23,12 +23,12 @@ from msd.train.schedule import make_scheduler
 def start_line(command: str, cfg, strict: bool) -> None:
     """What `msd train` and `msd baseline` do first (msd.machine.start): the bfloat16 check,
     torch's threads (train.threads), and the line naming them with the run's settings."""
-    dtype = cfg.model.dtype
-    shown = dtype if dtype != "auto" else f"auto ({str(resolve_dtype(dtype)).removeprefix('torch.')})"
-    machine.start(command, {"model.dtype": shown, "train.mixed_precision": cfg.train.mixed_precision,
-                            "lora.enabled": cfg.lora.enabled, "train.mode": cfg.train.mode},
-                  threads=cfg.train.threads, threads_key="train.threads", bf16=machine.bf16_asked(cfg),
-                  strict=strict)
+    settings = {"model.dtype": dtype_label(cfg.model.dtype),
+                "train.mixed_precision": cfg.train.mixed_precision, "lora.enabled": cfg.lora.enabled}
+    if command == "train":  # a baseline's data comes from baseline.data, not train.mode
+        settings["train.mode"] = cfg.train.mode
+    machine.start(command, settings, threads=cfg.train.threads, threads_key="train.threads",
+                  bf16=machine.bf16_asked(cfg), strict=strict)
 
 
 def make_accelerator(tc):
