@@ -177,3 +177,15 @@ def test_baseline_strict_refuses_emulated_bf16(tmp_path, tiny_model_dir, cpu, ca
                  f"train.output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("msd: error: train.mixed_precision=bf16: this CPU") and "\n" not in err
+
+
+def test_demo_warns_of_emulated_bf16(tmp_path, cpu, capsys, monkeypatch):
+    import msd.demo
+
+    cpu(native=False)
+    monkeypatch.setattr(msd.demo, "_run_demo", lambda *args: {"ran": True})  # the warning comes first
+    assert msd.demo.run_demo(tmp_path / "demo", overrides=["model.dtype=bfloat16"]) == {"ran": True}
+    err = capsys.readouterr().err
+    assert err.startswith("msd: warning: model.dtype=bfloat16: this CPU has no bfloat16") and err.count("\n") == 1
+    assert msd.demo.run_demo(tmp_path / "demo") == {"ran": True}
+    assert capsys.readouterr().err == ""
