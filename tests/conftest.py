@@ -57,10 +57,16 @@ def peaky_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module: runs compared bit for bit (in-process against killed or
-    launched processes, which run with one thread too) compute alike."""
+    launched processes, which run with one thread too) compute alike. MSD_THREADS=1 too: the
+    msd commands the tests run set torch's threads themselves (msd.machine)."""
     import torch
 
-    n = torch.get_num_threads()
+    n, before = torch.get_num_threads(), os.environ.get("MSD_THREADS")
+    os.environ["MSD_THREADS"] = "1"
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    if before is None:
+        os.environ.pop("MSD_THREADS", None)
+    else:
+        os.environ["MSD_THREADS"] = before

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,26 @@ def test_core_never_imports_the_organism():
     edges, _ = imports(modules())
     core = [m for m in edges if not m.startswith(("msd.organism", "msd.demo"))]
     assert [m for m in core if any(t.startswith("msd.organism") for t in edges[m])] == []
+
+
+def test_core_never_imports_the_baselines():
+    """The baselines are a user of the core: their config section and choices are registered
+    from msd.baselines (msd.config.SECTIONS), never imported by msd.config or msd.choices."""
+    edges, _ = imports(modules())
+    users = ("msd.baselines", "msd.organism", "msd.demo")
+    core = [m for m in edges if not m.startswith(users)]
+    assert core and [m for m in core if any(t.startswith("msd.baselines") for t in edges[m])] == []
+
+
+def test_baseline_section_is_there_without_importing_the_baselines():
+    code = ("import sys\nfrom msd.config import load_config, to_dict\n"
+            "cfg = load_config(None, ['baseline.method=dpo'])\n"
+            "assert cfg.baseline.method == 'dpo' and list(to_dict(cfg))[-1] == 'baseline'\n"
+            "assert 'trl' not in sys.modules\nprint('ok')")
+    for plugins in ("1", "0"):  # msd's own sections load with or without the plugins
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(SRC), "MSD_PLUGINS": plugins})
+        assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 def test_modules_and_functions_are_short():

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from msd.config import CHOICES, Config, describe, from_dict, load_config, to_dict, to_yaml
+from msd.config import CHOICES, Config, describe, from_dict, load_config, sections, to_dict, to_yaml
 from msd.errors import MsdError
 
 
@@ -135,12 +135,10 @@ def test_describe_documents_every_key_once():
             listed[section] = []
         elif not line.startswith("    "):
             listed[section].append(line.split(" (default ")[0].strip())
-    cfg = Config()
-    want = {s.name: [f.name for f in dataclasses.fields(getattr(cfg, s.name))]
-            for s in dataclasses.fields(cfg)}
-    assert listed == want
-    for s in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, s.name)):
+    want = {name: [f.name for f in dataclasses.fields(section)] for name, section in sections(Config()).items()}
+    assert listed == want and "baseline" in want  # the registered sections too
+    for section in sections(Config()).values():
+        for f in dataclasses.fields(section):
             assert f.metadata["help"] in describe()
 
 

@@ -3,7 +3,9 @@
     CHOICES["loss.divergence"]   # ['rkl', 'fkl', 'jsd', 'tvd', 'akl', ...whatever is registered]
 
 Read each time, so a plugin or a test that registers a divergence, weighting or backend after
-msd.config is imported sees it accepted, listed by `--help-config` and named in errors.
+msd.config is imported sees it accepted, listed by `--help-config` and named in errors. A package
+that registers a config section (`msd.config.SECTIONS`) registers its keys' choices here too
+(`CHOICES.register("baseline.method", ...)`, from msd.baselines).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
-from msd.baselines.options import data_names, method_names
+from msd import plugins
 
 
 def _divergences() -> list[str]:
@@ -50,26 +52,35 @@ def _model_sources() -> list[str]:
     return MODEL_SOURCES.names()
 
 
-# Keys that take a registered name or something else (a file, a hub id): listed, not enforced.
-REGISTERED = {"data.source": _datasets, "model.name_or_path": _model_sources,
-              "baseline.data": data_names}
-
-
 class Choices(Mapping):
     """config key -> its allowed values, read from the registries each time (a plugin or a
-    test may register a divergence, weighting or backend after this module is imported)."""
+    test may register a divergence, weighting or backend after this module is imported).
+    Plugins are loaded first: they may add keys (a registered config section's)."""
 
     def __init__(self, sources: dict[str, Callable[[], list[str]]]):
         self._sources = sources
 
+    def register(self, key: str, source: Callable[[], list[str]]) -> None:
+        """Add the choices of `key` (a key of a registered config section)."""
+        if key in self._sources and self._sources[key] is not source:
+            raise ValueError(f"choices of {key!r} are registered already")
+        self._sources[key] = source
+
     def __getitem__(self, key: str) -> list[str]:
+        plugins.load()
         return list(self._sources[key]())
 
     def __iter__(self):
-        return iter(self._sources)
+        plugins.load()
+        return iter(list(self._sources))
 
     def __len__(self) -> int:
+        plugins.load()
         return len(self._sources)
+
+
+# Keys that take a registered name or something else (a file, a hub id): listed, not enforced.
+REGISTERED = Choices({"data.source": _datasets, "model.name_or_path": _model_sources})
 
 
 CHOICES = Choices({
@@ -81,6 +92,4 @@ CHOICES = Choices({
     "train.mode": lambda: ["on_policy", "off_policy"],
     "train.schedule": lambda: ["cosine", "linear", "constant"],
     "train.mixed_precision": lambda: ["no", "bf16", "fp16"],
-    "baseline.method": method_names,
-    "baseline.loss_type": lambda: ["sigmoid", "robust", "ipo"],
 })

@@ -13,6 +13,7 @@ import os
 import sys
 
 from msd.errors import MsdError
+from msd.machine import STRICT_HELP
 
 # Failures of the machine, not of msd: a full disk, a read-only or forbidden folder.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
@@ -44,6 +45,7 @@ def add_train_parser(sub) -> None:
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start fresh even if train.output_dir holds a checkpoint")
     p.add_argument("--help-config", action="store_true", help="print every config key and exit")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
 
@@ -55,6 +57,9 @@ def run_train(args) -> int:
         print(config.describe())
         return 0
     cfg = config.load_config(args.config, args.overrides)
+    from msd.train.setup import start_line
+
+    start_line("train", cfg, args.strict)
     from msd.lock import output_lock
     from msd.train import train
 

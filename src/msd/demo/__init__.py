@@ -40,8 +40,11 @@ def run_demo(out: str | Path = "runs/demo", ablations: bool = False, seed: int =
     """Run the demo; returns summary.json's content. `eval_limit` caps harmful and benign
     queries per split (tests); `overrides` are dotted config overrides for the MSD run.
     Torch uses the cores not busy with other work (`auto_threads`; MSD_THREADS overrides)."""
+    from msd import machine
     from msd.organism.pretrain import auto_threads, torch_threads
 
+    # bfloat16 asked for by the overrides: a warning on a CPU that would emulate it
+    machine.check_bf16(machine.bf16_asked(demo_config(Path(out) / "train", seed, overrides)))
     threads = auto_threads()
     with torch_threads(threads):
         summary = _run_demo(Path(out), ablations, seed, overrides, eval_limit, cache_dir, progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from msd.errors import MsdError
 from msd.eval.judges import JUDGES
+from msd.machine import STRICT_HELP
 
 
 def add_parser(subparsers) -> None:
@@ -81,6 +82,10 @@ def _model_args(p) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repo's own Python code to run (off unless you trust it)")
     g.add_argument("--chat-template", help="Jinja chat template (file or text) instead of the tokenizer's")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch; 0 = MSD_THREADS or OMP_NUM_THREADS if set, else the cores "
+                        "this process may use (default: 0)")
+    g.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
 def _common_args(p) -> None:
@@ -185,6 +190,19 @@ def load_model(args):
     return load_model_and_tokenizer(cfg, adapter=args.adapter)
 
 
+def start(args, command: str, settings: dict) -> None:
+    """The machine check and the first line of an eval run (msd.machine.start)."""
+    from msd import machine
+    from msd.models import dtype_label
+
+    if args.threads < 0:
+        raise MsdError(f"must be at least 0, got {args.threads}", "--threads")
+    bf16 = {"--dtype bfloat16": "--dtype float32"} if args.dtype == "bfloat16" else {}
+    # device: msd eval generates where load_model leaves the model, on the CPU
+    machine.start(command, {"--dtype": dtype_label(args.dtype), **settings}, threads=args.threads,
+                  threads_key="--threads", bf16=bf16, strict=args.strict, device="cpu")
+
+
 def _identity(args) -> dict:
     from msd.fingerprint import model_identity
 
@@ -247,6 +265,8 @@ def run_safety(args) -> int:
     check_langs(bench.tuples, langs, bench.name)  # input errors show before the (slow) model load
     backend = _backend(args.backend)
     judge = build_judge(args)
+    start(args, f"eval {args.kind}", {"--backend": backend, "--batch-size": args.batch_size,
+                                      "--max-new-tokens": args.max_new_tokens})
     model, tokenizer = load_model(args)
     builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt,
                             enable_thinking=args.enable_thinking)
@@ -291,6 +311,7 @@ def run_utility(args) -> int:
         raise MsdError("no task given", "--tasks")
     langs = languages.parse_codes(args.langs, "--langs") if args.langs else None
     utility.task_manager(utility.expand_tasks(tasks, langs))  # unknown tasks fail before the model loads
+    start(args, "eval utility", {"--batch-size": args.batch_size})
     model, tokenizer = load_model(args)
     metrics = utility.run(model, tokenizer, tasks, args.out, langs=langs, limit=args.limit,
                           batch_size=args.batch_size, num_fewshot=args.num_fewshot,

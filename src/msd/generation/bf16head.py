@@ -32,11 +32,9 @@ Shapes: B rows, H hidden size, V vocabulary, N candidates, K ids per block.
 
 from __future__ import annotations
 
-import functools
-import platform
-
 import torch
 
+from msd import machine
 from msd.generation.sampler import draw
 from msd.memory import trim_heap
 
@@ -47,25 +45,14 @@ MAX_PROPOSALS = 64  # sampling: rows still rejected after this many proposals go
 BLOCK = 1024  # ids per block of the candidate search
 PACK_BLOCK_BYTES = 16 << 20  # the packed bfloat16 weight is built in vocabulary blocks of this size
 
+
 def usable(head: torch.nn.Linear) -> bool:
     """Whether `head` gains from the bfloat16 estimate: float32 weights on a CPU with native
     bfloat16 matrix instructions (elsewhere bfloat16 GEMMs are emulated and slower)."""
     w = head.weight
     if w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[0] < 4096:
         return False
-    return _native_bf16()
-
-
-@functools.lru_cache(maxsize=1)
-def _native_bf16() -> bool:
-    """x86: AVX512-BF16 or AMX (oneDNN emulates bfloat16 on plain AVX-512, without the gain);
-    elsewhere whatever oneDNN reports."""
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return machine.native_bf16()
 
 
 class Bf16Head:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from msd import machine
 from msd.organism import corpus, world
 from msd.organism.tokenizer import ROLES, build_tokenizer, fast_encoder
 
@@ -50,20 +51,21 @@ class Recipe:
 
 
 def auto_threads() -> int:
-    """Torch threads for a possibly shared CPU: the cores not already busy, at least one.
+    """Torch threads for a possibly shared CPU: `msd.machine.choose_threads` (MSD_THREADS or
+    OMP_NUM_THREADS if set, else this process's cores), lowered to the cores not already busy.
 
     OpenMP threads wait for each other at every operation; when other processes hold the
     cores, two threads made a pre-training step 2-3x *slower* than one on a 2-core machine.
     MSD_THREADS overrides (e.g. MSD_THREADS=2 on an idle machine to force both cores).
     """
-    if os.environ.get("MSD_THREADS"):
-        return max(1, int(os.environ["MSD_THREADS"]))
+    chosen = machine.choose_threads()
+    if chosen.why in ("MSD_THREADS", "OMP_NUM_THREADS"):
+        return chosen.n
     try:
         busy = os.getloadavg()[0]
-    except (OSError, AttributeError):  # no load average (Windows): keep torch's choice
-        return torch.get_num_threads()
-    free = int((os.cpu_count() or 1) - busy + 0.5)
-    return max(1, min(torch.get_num_threads(), free))
+    except (OSError, AttributeError):  # no load average (Windows): all of this process's cores
+        return chosen.n
+    return max(1, min(chosen.n, int(machine.cores() - busy + 0.5)))
 
 
 @contextlib.contextmanager

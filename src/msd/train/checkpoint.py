@@ -174,7 +174,7 @@ def unreadable(e: BaseException, path: Path) -> MsdError:
 
 # Train keys that may change between a run and its resumption: they do not change what is trained.
 RESUMABLE_KEYS = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb", "max_steps",
-                  "output_dir")
+                  "output_dir", "threads")
 
 
 def fingerprint(obj) -> str:

@@ -189,9 +189,12 @@ class Stepper:
             logs.accumulate_stats(stats, out, resp, rows, self.tokenizer, self.refusal_check, tc.grad_accum)
             self.last = (rows, resp, out)
         self.count_nonfinite(finite, step, batch_ids)
+        # Fixed bug: the rate was read after the scheduler stepped, so logs.jsonl showed the
+        # next step's rate (a 3-step cosine run at 1e-4 logged 7.5e-5, 2.5e-5, 0).
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step's update used
         run.scheduler.step()
         elapsed = time.perf_counter() - t0
-        return {"step": step + 1, "lr": run.scheduler.get_last_lr()[0], **stats,
+        return {"step": step + 1, "lr": lr, **stats,
                 "tokens_per_s": stats["tokens"] / elapsed, "step_s": elapsed, "skipped": not finite}
 
     def update(self, loss) -> bool:

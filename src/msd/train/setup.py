@@ -4,7 +4,6 @@ teacher, optimizer and schedule, prepared for the engine."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -13,10 +12,23 @@ import torch
 
 from msd.errors import MsdError
 from msd.losses import check_jsd_beta
-from msd.models import Teacher, apply_lora, is_peft
+from msd import machine
+from msd.machine import WORLD_SIZE_VARS
+from msd.models import Teacher, apply_lora, dtype_label, is_peft
 from msd.train import sharding
+from msd.train.schedule import make_scheduler
 
-WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def start_line(command: str, cfg, strict: bool) -> None:
+    """What `msd train` and `msd baseline` do first (msd.machine.start): the bfloat16 check,
+    torch's threads (train.threads), and the line naming them with the run's settings."""
+    settings = {"model.dtype": dtype_label(cfg.model.dtype),
+                "train.mixed_precision": cfg.train.mixed_precision, "lora.enabled": cfg.lora.enabled}
+    if command == "train":  # a baseline's data comes from baseline.data, not train.mode
+        settings["train.mode"] = cfg.train.mode
+    machine.start(command, settings, threads=cfg.train.threads, threads_key="train.threads",
+                  bf16=machine.bf16_asked(cfg), strict=strict)
 
 
 def make_accelerator(tc):
@@ -24,7 +36,7 @@ def make_accelerator(tc):
     from accelerate import Accelerator
 
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
-            and not any(v in os.environ for v in WORLD_VARS):  # --cpu without mpirun: one process
+            and not any(v in os.environ for v in WORLD_SIZE_VARS):  # --cpu without mpirun: one process
         raise MsdError("`accelerate launch --cpu --num_processes N` starts a single process; for N "
                        "CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo "
                        "without GPUs) or --config_file configs/accelerate/cpu_ddp.yaml")
@@ -91,23 +103,6 @@ def master_weights(model, mixed_precision: str, accelerator):
                        "train.mixed_precision=bf16 (float32 master weights, bf16 compute), "
                        "model.dtype=float32, or lora.enabled=true", "train.mixed_precision")
     return model.float()
-
-
-def make_scheduler(optimizer, tc, total_steps: int):
-    """Linear warm-up, then cosine, linear or constant (train.schedule)."""
-    warmup = int(round(tc.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if tc.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if tc.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
