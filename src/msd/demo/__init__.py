@@ -168,9 +168,8 @@ def run(args) -> int:
             raise MsdError("--ablations, --eval-limit and --cache-dir are options of the organism demo",
                            "--model")
         from msd.demo.real import run_real_demo
-        from msd.organism.pretrain import auto_threads, torch_threads
 
-        with output_lock(args.out), torch_threads(auto_threads()):
+        with output_lock(args.out):
             summary = run_real_demo(args.model, Path(args.out), seed=args.seed, overrides=args.overrides,
                                     progress=not args.quiet, baselines=args.baselines)
         failed = not all(c["pass"] for c in summary["checks"])

@@ -55,12 +55,14 @@ def run_real_demo(name: str, out: Path, seed: int = 0, overrides=(), progress: b
     from msd.demo.steps import demo_config_from
     from msd.io import atomic_write_json, ensure_writable_dir
     from msd.models import load_model_and_tokenizer
+    from msd.train.setup import start_line
 
     spec = REAL_DEMOS[name]
     t_start = time.time()
     out = ensure_writable_dir(out)
     stages = Stages(progress)
     cfg = demo_config_from(spec.config, out / "train", seed, overrides)
+    start_line("demo", cfg, strict=False)  # bfloat16 check, torch's threads, the settings line
     langs = {"english": list(spec.english), "trained": list(cfg.data.languages), "unseen": list(spec.unseen)}
     every = [c for codes in langs.values() for c in codes]
     torch.manual_seed(seed)

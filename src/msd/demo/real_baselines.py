@@ -41,18 +41,3 @@ def real_model_baselines(out: Path, cfg, data, spec, seed: int, progress: bool, 
         result[name] = {**{c: rates[c] for c in langs}, "seconds": round(time.time() - t, 1)}
     return result
 
-
-def real_baseline_table(summary: dict) -> str:
-    """Per method: held-out ASR per language (95% interval), mean benign refusal and fidelity."""
-    from msd.demo.real_report import fmt_rate
-
-    langs = [c for codes in summary["languages"].values() for c in codes]
-    lines = ["| method | " + " | ".join(f"ASR {c}" for c in langs) + " | benign refusal (mean) | fidelity (mean) |",
-             "|---|" + "---|" * (len(langs) + 2)]
-    for name, rows in summary["baselines"].items():
-        ref = [rows[c]["benign_refusal"] for c in langs if rows[c].get("benign_refusal") is not None]
-        fid = [rows[c]["fidelity"] for c in langs if rows[c].get("fidelity") is not None]
-        cells = [fmt_rate(rows[c], "asr", "asr_ci95") for c in langs]
-        cells += [f"{sum(v) / len(v):.2f}" if v else "–" for v in (ref, fid)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -143,8 +143,6 @@ def write(out: Path, summary: dict) -> None:
     lines += ["", "## Checks", ""]
     lines += [f"- [{'x' if c['pass'] else ' '}] {c['claim']}: `{json.dumps(c['values'])}`" for c in summary["checks"]]
     if summary.get("baselines"):
-        from msd.demo.real_baselines import real_baseline_table
-
         lines += ["", "## Baselines (same data, same steps, LoRA)", "", real_baseline_table(summary)]
     lines += ["", "## The judge", "", JUDGE_LIMITS, "", "## Sample answers (held-out harmful queries)", "",
               "Cut to 240 characters; `before/heldout/records.jsonl` and the other stage folders hold them whole.", ""]
@@ -176,3 +174,17 @@ def print_table(summary: dict) -> None:
 
 def _pair(x, y) -> str:
     return "–" if x is None or y is None else f"{x:.2f} -> {y:.2f}"
+
+
+def real_baseline_table(summary: dict) -> str:
+    """Per method: held-out ASR per language (95% interval), mean benign refusal and fidelity."""
+    langs = [c for codes in summary["languages"].values() for c in codes]
+    lines = ["| method | " + " | ".join(f"ASR {c}" for c in langs) + " | benign refusal (mean) | fidelity (mean) |",
+             "|---|" + "---|" * (len(langs) + 2)]
+    for name, rows in summary["baselines"].items():
+        ref = [rows[c]["benign_refusal"] for c in langs if rows[c].get("benign_refusal") is not None]
+        fid = [rows[c]["fidelity"] for c in langs if rows[c].get("fidelity") is not None]
+        cells = [fmt_rate(rows[c], "asr", "asr_ci95") for c in langs]
+        cells += [f"{sum(v) / len(v):.2f}" if v else "–" for v in (ref, fid)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
