@@ -58,7 +58,9 @@ def run_train(args) -> int:
     from msd.lock import output_lock
     from msd.train import train
 
-    with output_lock(cfg.train.output_dir):
+    # --no-resume starts from a clean folder: the old run's logs and checkpoints are discarded
+    # (never mixed with the new run's), and only in a folder msd train owns.
+    with output_lock(cfg.train.output_dir, "train", fresh=args.resume is False):
         result = train(cfg, progress=not args.quiet, resume=args.resume)
     print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
     return 0

@@ -156,7 +156,7 @@ def run(args) -> int:
         raise MsdError("may not be empty (name the demo folder)", "--out")
     from msd.lock import output_lock
 
-    with output_lock(args.out):  # one writer per folder
+    with output_lock(args.out, "demo"):  # one writer per folder
         summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
                            eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,
                            baselines=args.baselines)

@@ -16,10 +16,7 @@ not: the saved responses are judged again without generating anything.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -162,20 +159,6 @@ def check_settings(run_dir: str | Path, settings: dict) -> dict:
         raise MsdError(f"this folder holds records made with a different {'; '.join(changed)}; "
                        "rerun with --fresh to discard them, or use another --out", str(run_dir))
     return saved
-
-
-def discard(run_dir: str | Path) -> None:
-    """Remove a run folder's records, metrics and run.json (for --fresh). Each file is moved
-    aside by a rename, records first, so an interruption never leaves old records beside a new
-    run.json."""
-    run_dir = Path(run_dir)
-    for stale in run_dir.glob(".discarded.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    trash = Path(tempfile.mkdtemp(dir=run_dir, prefix=".discarded."))
-    for name in (RECORDS, METRICS, RUN):
-        if (run_dir / name).exists():
-            os.replace(run_dir / name, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_run(run_dir: str | Path, info: dict) -> None:

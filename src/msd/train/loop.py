@@ -127,8 +127,11 @@ def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) ->
     # Fixed bug: the config was compared only after loading the weights, so a changed shape
     # (lora.r) failed with a tensor-size error instead of naming what changed.
     checkpoint.check_config(ckpt, resume_keys(cfg))
+    finished = checkpoint.check_resume_step(ckpt, checkpoint.read_state(ckpt)["step"], run.total_steps)
     step = dist_checkpoint.load_checkpoint(run, ckpt)["step"]
-    run.accelerator.print(f"msd: resuming from {ckpt} (step {step} of {run.total_steps})")
+    run.accelerator.print(f"msd: the run is finished (step {step} of {run.total_steps}); nothing to train, "
+                          "final/ is saved again" if finished else
+                          f"msd: resuming from {ckpt} (step {step} of {run.total_steps})")
     if run.accelerator.is_main_process:
         logs.drop_logs_after(out_dir, step)
     return step

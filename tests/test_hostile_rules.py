@@ -1,0 +1,245 @@
+"""Hostile input, part II: one rule per class makes the whole class impossible
+(docs/RELIABILITY.md, "The rules"). Each class is tried with several cases, not only the
+example that first broke it.
+
+1. a run folder has one owner; 2. a rerun or resume does only what it says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_queries
+from test_bad_input import error_line  # one line, exit 2, no traceback
+from msd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rules")
+    pairs = root / "pairs.jsonl"
+    write_pairs(pairs, 6)
+    return {"root": root, "model": str(tiny_model_dir), "queries": write_queries(root / "q.jsonl", n=6),
+            "pairs": pairs}
+
+
+def write_pairs(path: Path, n: int, answer: str = "sorry I can not help with that") -> None:
+    path.write_text("".join(json.dumps({"prompt": f"how do I make fire {i}", "chosen": answer,
+                                        "rejected": "here are steps one two three", "lang": "en"}) + "\n"
+                            for i in range(n)))
+
+
+def train_argv(env, out, *extra):
+    return ["train", "--quiet", f"model.name_or_path={env['model']}", f"data.source={env['queries']}",
+            f"train.output_dir={out}", "train.batch_size=2", "train.max_steps=1",
+            "rollout.max_new_tokens=3", *extra]
+
+
+def baseline_argv(env, out, *extra, data=None):
+    return ["baseline", "dpo", "--quiet", f"model.name_or_path={env['model']}",
+            f"baseline.data={data or env['pairs']}", "train.batch_size=2", "train.max_steps=1",
+            f"train.output_dir={out}", *extra]
+
+
+def eval_argv(env, out, *extra):
+    return ["eval", "safety", "--quiet", "--model", env["model"], "--benchmark", env["queries"],
+            "--langs", "jv", "--judge", "keyword", "--max-new-tokens", "3", "--out", str(out), *extra]
+
+
+def report_argv(env, out, *extra):
+    return ["report", str(env["root"] / "made" / "eval"), "--out", str(out), *extra]
+
+
+WRITERS = {"train": train_argv, "baseline": baseline_argv, "eval": eval_argv, "report": report_argv}
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes' hash: what must survive a refused writer."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".msd.lock"}
+
+
+@pytest.fixture(scope="module")
+def made(env):
+    """One folder written by each kind of command."""
+    base = env["root"] / "made"
+    assert main(eval_argv(env, base / "eval")) == 0  # first: the report reads it
+    for kind in ("train", "baseline", "report"):
+        argv = WRITERS[kind](env, base / kind)
+        assert main(argv + (["train.save_every=1"] if kind in ("train", "baseline") else [])) == 0
+    return base
+
+
+# ============================================================ 1. a run folder has one owner
+
+@pytest.mark.parametrize("owner, writer", [(o, w) for o in WRITERS for w in WRITERS if o != w])
+@pytest.mark.parametrize("legacy", [False, True], ids=["recorded", "legacy"])
+def test_no_command_writes_into_another_commands_folder(env, made, capsys, tmp_path, owner, writer, legacy):
+    """Every writer, into every other kind's folder, with and without the owner file (a folder
+    written before owners were recorded is known by its files); --fresh / --no-resume too."""
+    import shutil
+
+    folder = tmp_path / owner
+    shutil.copytree(made / owner, folder)
+    if legacy:
+        (folder / "msd-owner.json").unlink()
+    before = snapshot(folder)
+    start_over = {"train": ["--no-resume"], "baseline": ["--no-resume"], "eval": ["--fresh"], "report": []}
+    for extra in ([], start_over[writer]):
+        line = error_line(capsys, WRITERS[writer](env, folder, *extra))
+        assert f"outputs of msd {owner}" in line and "another output folder" in line, line
+    assert snapshot(folder) == before  # nothing lost, nothing relabelled
+
+
+@pytest.mark.parametrize("sub", ["final", "checkpoints", "final/x"])
+@pytest.mark.parametrize("kind", ["train", "baseline"])
+def test_nothing_is_written_inside_what_a_run_replaces(env, made, capsys, sub, kind):
+    run = made / kind
+    before = snapshot(run)
+    line = error_line(capsys, eval_argv(env, run / sub))
+    assert f"inside the msd {kind} run" in line and "outside it" in line
+    line = error_line(capsys, report_argv(env, run / sub))
+    assert f"inside the msd {kind} run" in line
+    assert snapshot(run) == before
+
+
+def test_an_evaluation_already_inside_final_stops_the_rerun_before_any_work(env, made, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(made / "train", run)
+    shutil.copytree(made / "eval", run / "final" / "ev")  # written before owners were checked
+    shutil.copy(made / "eval" / "run.json", run / "final" / "run.json")
+    before = snapshot(run)
+    for argv in (train_argv(env, run, "train.max_steps=2"), train_argv(env, run, "--no-resume")):
+        line = error_line(capsys, argv)
+        assert "final/ holds the outputs of msd eval" in line
+    assert snapshot(run) == before
+
+
+def test_fresh_never_deletes_records_msd_did_not_write(env, capsys, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "records.jsonl").write_text('{"my": "data"}\n')
+    line = error_line(capsys, eval_argv(env, folder, "--fresh"))
+    assert "no msd command recorded" in line
+    assert (folder / "records.jsonl").read_text() == '{"my": "data"}\n'
+
+
+def test_a_damaged_owner_file_is_one_line(env, capsys, tmp_path):
+    for text in ("[]", "{", '{"kind": "something"}'):
+        (tmp_path / "msd-owner.json").write_text(text)
+        assert "msd-owner.json is damaged" in error_line(capsys, eval_argv(env, tmp_path))
+
+
+HOLD = """
+import sys, time
+from msd.lock import output_lock
+with output_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["baseline", "train"])
+def test_baseline_takes_the_writer_lock(env, capsys, tmp_path, kind):
+    out = tmp_path / "locked"
+    pythonpath = str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), kind], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": pythonpath})
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        line = error_line(capsys, baseline_argv(env, out))
+        assert f"pid {holder.pid}" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "logs.jsonl").exists()
+
+
+# ============================================================ 2. a rerun or resume does only what it says
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()]
+
+
+def test_a_finished_baseline_trains_no_more(env, capsys, tmp_path):
+    out = tmp_path / "b"
+    for save_every in ("train.save_every=1", "train.save_every=2"):
+        argv = baseline_argv(env, out, "train.max_steps=2", save_every)
+        assert main(argv) == 0
+        before = snapshot(out)
+        capsys.readouterr()
+        for _ in range(2):
+            assert main(argv) == 0
+            assert "the run is finished (step 2)" in capsys.readouterr().out
+        assert snapshot(out) == before and _steps(out) == [1, 2]
+        assert main(baseline_argv(env, out, "train.max_steps=3", save_every)) == 0  # raising extends it
+        assert _steps(out) == [1, 2, 3]
+        assert main(argv[:-1] + ["--no-resume", save_every]) == 0
+
+
+@pytest.mark.parametrize("writer", ["train", "baseline"])
+def test_lowering_max_steps_on_resume_is_refused(env, capsys, tmp_path, writer):
+    out = tmp_path / writer
+    assert main(WRITERS[writer](env, out, "train.max_steps=4", "train.save_every=2")) == 0
+    before = snapshot(out)
+    for lower in (3, 1):
+        line = error_line(capsys, WRITERS[writer](env, out, f"train.max_steps={lower}"))
+        assert "past the run's last step" in line and "--no-resume" in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("writer", ["train", "baseline"])
+def test_no_resume_starts_from_a_clean_folder(env, tmp_path, writer):
+    out = tmp_path / writer
+    assert main(WRITERS[writer](env, out, "train.max_steps=4", "train.save_every=1",
+                                "train.keep_checkpoints=5")) == 0
+    (out / "tb").mkdir()
+    assert main(WRITERS[writer](env, out, "train.max_steps=2", "train.save_every=1", "--no-resume",
+                                "train.keep_checkpoints=5")) == 0
+    assert _steps(out) == [1, 2]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("README"))
+    assert names == (["step_1", "step_2"] if writer == "train" else ["checkpoint-1", "checkpoint-2"])
+    assert not (out / "tb").exists() and not list(out.glob(".discarded.*"))
+
+
+@pytest.mark.parametrize("leftover", [".final.tmp", ".final.tmp.x1y2"])
+def test_a_killed_final_save_never_ships_its_files(env, tmp_path, leftover):
+    """A LoRA run killed while saving final/ left its adapter files in the temporary folder;
+    a full fine-tune in the same folder must not ship them."""
+    out = tmp_path / "run"
+    assert main(train_argv(env, out)) == 0
+    stale = out / leftover
+    stale.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "msd_config.yaml"):
+        (out / "final" / name).exists() and (stale / name).write_bytes((out / "final" / name).read_bytes())
+    assert main(train_argv(env, out, "lora.enabled=false", "--no-resume")) == 0
+    shipped = sorted(p.name for p in (out / "final").iterdir())
+    assert "model.safetensors" in shipped and not [n for n in shipped if n.startswith("adapter")]
+    assert not list(out.glob(".final.tmp*"))
+    assert oct((out / "final").stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
+
+
+@pytest.mark.parametrize("edit", ["answer", "one more row"])
+def test_a_baseline_does_not_resume_after_its_data_changed(env, capsys, tmp_path, edit):
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, 6)
+    out = tmp_path / "b"
+    assert main(baseline_argv(env, out, "train.save_every=1", data=data)) == 0
+    write_pairs(data, 6, answer="no") if edit == "answer" else write_pairs(data, 7)
+    line = error_line(capsys, baseline_argv(env, out, "train.max_steps=2", data=data))
+    assert "identity.baseline_data_content" in line and "--no-resume" in line
+    assert main(baseline_argv(env, out, "train.max_steps=2", "--no-resume", data=data)) == 0
