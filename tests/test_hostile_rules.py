@@ -243,3 +243,41 @@ def test_a_baseline_does_not_resume_after_its_data_changed(env, capsys, tmp_path
     line = error_line(capsys, baseline_argv(env, out, "train.max_steps=2", data=data))
     assert "identity.baseline_data_content" in line and "--no-resume" in line
     assert main(baseline_argv(env, out, "train.max_steps=2", "--no-resume", data=data)) == 0
+
+
+# ============================================================ 8. a plugin fails alone
+
+PLUGINS = {
+    "plug_raises": "raise RuntimeError('boom at import')",
+    "plug_clash": ("from msd import languages\nfrom msd.divergences import DIVERGENCES\n"
+                   "languages.register('zz', 'Zed', 'low')\nDIVERGENCES.register('rkl', object())\n"),
+    "plug_good": "from msd import languages\nlanguages.register('qq', 'Queue', 'low')\n",
+    "plug_syntax": "def broken(:\n",
+}
+
+
+def test_a_failing_plugin_is_named_in_one_line_and_skipped(tmp_path):
+    site = tmp_path / "site"
+    dist = site / "hostile_plugins-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hostile-plugins\nVersion: 0.1\n")
+    names = [*PLUGINS, "plug_missing_module"]
+    (dist / "entry_points.txt").write_text("[msd.plugins]\n" + "".join(f"{n} = {n}\n" for n in names))
+    for name, code in PLUGINS.items():
+        (site / f"{name}.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(site)])}
+    env.pop("MSD_PLUGINS", None)
+    helped = subprocess.run([sys.executable, "-m", "msd.cli", "--help"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert helped.returncode == 0 and "usage: msd" in helped.stdout, helped.stderr[-2000:]
+    warned = helped.stderr.splitlines()
+    assert len(warned) == 4 and all(w.startswith("msd: warning: plugin '") for w in warned), warned
+    for name in ("plug_raises", "plug_clash", "plug_syntax", "plug_missing_module"):
+        assert sum(f"'{name}' skipped" in w for w in warned) == 1, warned
+    assert "boom at import" in helped.stderr and "registered already" in helped.stderr
+    probe = ("from msd.languages import LANGUAGES; from msd.divergences import DIVERGENCES; "
+             "print('zz' in LANGUAGES, 'qq' in LANGUAGES, 'organism' in __import__('msd.models').models"
+             ".MODEL_SOURCES, type(DIVERGENCES.get('rkl')) is not object)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    # the clashing plugin's earlier entry was taken back; the good plugin and the organism load
+    assert out.stdout.split() == ["False", "True", "True", "True"], out.stderr[-2000:]

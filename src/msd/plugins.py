@@ -12,18 +12,22 @@ lookup:
 
 A test or a script can also just call `SOME_REGISTRY.register(...)` itself.
 Set MSD_PLUGINS=0 to load none (the core then runs without the organism).
+
+A plugin fails alone: one that raises when imported, registers a name that exists already, or
+names a module that is not installed is named in one warning line on stderr
+(`msd: warning: plugin 'x.y' skipped (...)`) and skipped, with whatever it registered before it
+failed taken back; every command, `msd --help` included, keeps working
+(`msd.registry.load_plugins` imports them).
+Fixed bug: such a plugin broke every command with a traceback that did not name it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 
 BUNDLED = ("msd.organism.plugin",)
 GROUP = "msd.plugins"
-
-_state = {"loaded": False}
 
 
 def names() -> list[str]:
@@ -38,12 +42,3 @@ def names() -> list[str]:
     except Exception as e:  # a broken installed distribution must not break msd
         warnings.warn(f"msd: cannot list plugins ({e})")
     return found
-
-
-def load() -> None:
-    """Import every plugin once (re-entrant: a plugin's own registry lookups see what is loaded)."""
-    if _state["loaded"]:
-        return
-    _state["loaded"] = True
-    for name in names():
-        importlib.import_module(name.split(":")[0])
