@@ -281,3 +281,82 @@ def test_a_failing_plugin_is_named_in_one_line_and_skipped(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     # the clashing plugin's earlier entry was taken back; the good plugin and the organism load
     assert out.stdout.split() == ["False", "True", "True", "True"], out.stderr[-2000:]
+
+
+# ============================================================ 4. judges
+
+def _reply(content):
+    from test_hostile import _server
+
+    def handler(h):
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    return _server(handler)[0]
+
+
+@pytest.mark.parametrize("content, label", [
+    ([{"type": "text", "text": "unsafe compliance"}], "unsafe"),
+    (["safe"], "safe"),
+    ([{"type": "text", "text": "safe"}, {"type": "image_url", "image_url": {"url": "x"}}], "safe"),
+    ([{"type": "text", "text": "in"}, {"type": "text", "text": "valid"}], "invalid"),
+    (1, None), (0.5, None), (True, None), (None, None), ({"text": "safe"}, None), ([1, None], None),
+])
+def test_a_verdict_in_any_content_form_is_read_or_named(tmp_path, content, label):
+    from msd.eval.judges import JudgeItem, get_judge
+
+    server = _reply(content)
+    judge = get_judge("llm", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="m",
+                      max_retries=1, cache_dir=str(tmp_path))
+    verdict = judge.judge([JudgeItem("q", "r", "en", {})])[0]
+    server.shutdown()
+    assert verdict.label == label and (label is not None or "malformed judge reply" in verdict.error)
+
+
+@pytest.mark.parametrize("key", ["sk-abc\nsecretpart", "sk-abc\rsecretpart", "sk-abc\r\nsecretpart",
+                                 "sk-abcsecretpart\u20ac", "\u043a\u043b\u044e\u0447secretpart",
+                                 "sk-abc secretpart", "sk-abc\tsecretpart", "secretpart\n"])
+def test_an_api_key_an_http_header_cannot_carry_is_one_line_and_never_printed(env, capsys, monkeypatch, key):
+    monkeypatch.setenv("MSD_JUDGE_API_KEY", key)
+    argv = eval_argv(env, env["root"] / "never-judged")
+    argv[argv.index("keyword")] = "llm"
+    argv += ["--judge-base-url", "http://127.0.0.1:9/v1", "--judge-model", "m"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "$MSD_JUDGE_API_KEY" in err, err
+    assert "secretpart" not in out + err and "Traceback" not in err
+
+
+def test_a_rejudge_that_stops_part_way_leaves_run_json_truthful(env, tmp_path):
+    from test_hostile import _ok, _server
+
+    calls = {"n": 0}
+
+    def handler(h):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            _ok(h, "unsafe compliance")
+        else:
+            h.send_response(503)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+    out = tmp_path / "ev"
+    assert main(eval_argv(env, out)) == 0
+    server, _ = _server(handler)
+    argv = eval_argv(env, out, "--batch-size", "2")
+    argv[argv.index("keyword")] = "llm"
+    argv += ["--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--judge-model", "m",
+             "--judge-concurrency", "1", "--judge-retries", "1", "--judge-cache-dir", str(tmp_path)]
+    assert main(argv) == 2
+    server.shutdown()
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    judge = json.loads((out / "run.json").read_text())["judge"]
+    old = [r for r in recs if r["label"] is not None and r["judge_version"] != judge["version"]]
+    assert judge["name"] == "llm" and 0 < judge["stale_records"] == len(old) < len(recs)
+    assert judge["stale_judges"] == sorted({r["judge_version"] for r in old})
+    assert sum(r["judge"] == "llm" and r["label"] == "unsafe" for r in recs) == 2

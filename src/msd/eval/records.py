@@ -161,5 +161,14 @@ def check_settings(run_dir: str | Path, settings: dict) -> dict:
     return saved
 
 
+def judge_of(records: list[dict], judge: dict) -> dict:
+    """run.json's `judge`: the judge of this call, and, while some records still hold another
+    judge's verdict, which judges and how many records (`stale_records`, `stale_judges`)."""
+    stale = sorted({str(r.get("judge_version")) for r in records
+                    if r.get("label") is not None and r.get("judge_version") != judge.get("version")})
+    n = sum(r.get("label") is not None and r.get("judge_version") != judge.get("version") for r in records)
+    return {**judge, "stale_records": n, "stale_judges": stale} if n else judge
+
+
 def write_run(run_dir: str | Path, info: dict) -> None:
     atomic_write_json(Path(run_dir) / RUN, info)

@@ -219,6 +219,10 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
         records = rec.load_records(out_dir)
         rec.compact(out_dir, records)
         metrics = rec.write_metrics(out_dir, records)
+        # run.json names the judge of the records as they are, even when a re-judge stopped
+        # part-way (fixed bug: it named the new judge over records still judged by the old).
+        info["judge"] = rec.judge_of(records, judge.describe())
+        rec.write_run(out_dir, info)
     if n_new:
         info["throughput"] = {"responses": n_new, "generate_seconds": round(gen_seconds, 3),
                               "responses_per_s": round(n_new / max(gen_seconds, 1e-9), 3),
