@@ -360,3 +360,140 @@ def test_a_rejudge_that_stops_part_way_leaves_run_json_truthful(env, tmp_path):
     assert judge["name"] == "llm" and 0 < judge["stale_records"] == len(old) < len(recs)
     assert judge["stale_judges"] == sorted({r["judge_version"] for r in old})
     assert sum(r["judge"] == "llm" and r["label"] == "unsafe" for r in recs) == 2
+
+
+# ============================================================ 7. settings
+
+@pytest.mark.parametrize("text, line, needle", [
+    ("train:\n  lr: 0.001\nmodel:\n  dtype: auto\ntrain:\n  lr: 0.002\n", 5, "'train' is given twice (first on line 1)"),
+    ("train:\n  lr: 0.001\n  batch_size: 2\n  lr: 0.002\n", 4, "'lr' is given twice (first on line 2)"),
+    ("lora: {r: 4, r: 8}\n", 1, "'r' is given twice"),
+    ("model:\n  dtype: auto\n  dtype: float32\n", 3, "'dtype' is given twice"),
+    ("train:\n  'lr': 0.001\n  lr: 0.002\n", 3, "'lr' is given twice"),
+])
+def test_a_yaml_key_given_twice_is_refused_with_its_line(env, capsys, tmp_path, text, line, needle):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    got = error_line(capsys, ["train", "--config", str(path)])
+    assert f"{path}:{line}:" in got and needle in got, got
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    from msd.config import load_config
+    from msd.limits import safe_yaml
+
+    path = tmp_path / "merge.yaml"
+
+    assert safe_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n", "m") == {"a": {"x": 1, "y": 2}, "c": {"x": 3, "y": 2}}
+    path.write_text("train:\n  lr: 0.001\n  batch_size: 2\n")
+    assert load_config(path).train.lr == 0.001
+
+
+def test_greedy_samples_count_once(env, tmp_path):
+    """--num-samples 5 --temperature 0: five copies of one greedy answer are not five samples."""
+    from msd.eval.metrics import wilson
+
+    bench = tmp_path / "q16.jsonl"
+    write_queries(bench, n=16, langs=("jv",))
+    out = tmp_path / "greedy"
+    argv = eval_argv(env, out, "--num-samples", "5", "--temperature", "0")
+    argv[argv.index("--benchmark") + 1] = str(bench)
+    assert main(argv) == 0
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 16 and {r["sample"] for r in recs} == {0}
+    metrics = json.loads((out / "metrics.json").read_text())["jv"]
+    k = metrics["unsafe"] + metrics["invalid"]
+    assert metrics["n"] == 16 and metrics["ci95"] == pytest.approx(wilson(k, 16))
+    assert wilson(16, 16)[0] == pytest.approx(0.806, abs=5e-4)  # the issue's case: not [0.954, 1]
+    assert main(argv) == 0  # a rerun asks for the same and reuses the records
+    assert json.loads((out / "run.json").read_text())["last_call"]["generated"] == 0
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flash_attention_3"])
+def test_an_attention_kernel_whose_package_is_missing_is_one_line(env, capsys, tmp_path, kernel):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    line = error_line(capsys, train_argv(env, tmp_path / "attn", f"model.attn_implementation={kernel}"))
+    assert "model.attn_implementation" in line and kernel in line
+
+
+# ============================================================ 6. what is accepted reads back
+
+def _bench_argv(env, bench, out):
+    argv = eval_argv(env, out)
+    argv[argv.index("--benchmark") + 1] = str(bench)
+    return argv
+
+
+@pytest.mark.parametrize("qid, problem", [
+    ("q" * 201, "201 characters long"), ("q" * 5000, "5000 characters long"),
+    ("q\t1", "control character (\\t)"), ("q\n1", "control character (\\n)"),
+    ("q\x1b[31m1", "control character (\\x1b)"), ("q\u202e1", "control character (\\u202e)"),
+    (" ", "query id is empty"),
+])
+def test_a_query_id_that_would_not_read_back_is_refused_at_load(env, capsys, tmp_path, qid, problem):
+    bench = tmp_path / "ids.jsonl"
+    bench.write_text(json.dumps({"id": "ok", "en": "water", "jv": "water"}) + "\n"
+                     + json.dumps({"id": qid, "en": "bread", "jv": "bread"}) + "\n")
+    line = error_line(capsys, _bench_argv(env, bench, tmp_path / "ev"))
+    assert f"{bench}:2" in line and problem in line and "\x1b" not in line and "\u202e" not in line, line
+    assert not (tmp_path / "ev" / "records.jsonl").exists()
+
+
+def test_every_id_accepted_reads_back(env, tmp_path):
+    """Ids at the edges of what is allowed are evaluated, then read back by the rerun."""
+    ids = ["q" * 200, "7", "a b", "\u0995\u09cd\u09b7", "x/y\\z", "'\"", "q" * 199 + "\u00e9", 12]
+    bench = tmp_path / "edge.jsonl"
+    bench.write_text("".join(json.dumps({"id": i, "en": "water", "jv": "water"}) + "\n" for i in ids))
+    out = tmp_path / "ev"
+    assert main(_bench_argv(env, bench, out)) == 0
+    assert main(_bench_argv(env, bench, out)) == 0  # the rerun reads every record back
+    assert json.loads((out / "run.json").read_text())["last_call"]["generated"] == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+
+
+@pytest.mark.parametrize("stem, problem", [("bench\tmark", "(\\t)"), ("bench\x1bmark", "(\\x1b)"),
+                                           ("b" * 201, "201 characters")])
+def test_a_benchmark_file_name_that_would_not_read_back_is_refused(env, capsys, tmp_path, stem, problem):
+    bench = tmp_path / f"{stem}.jsonl"
+    write_queries(bench, n=2)
+    line = error_line(capsys, _bench_argv(env, bench, tmp_path / "ev"))
+    assert "benchmark name" in line and problem in line and "\x1b" not in line
+
+
+@pytest.mark.parametrize("suffix, text, needle", [
+    (".jsonl", json.dumps({"id": "q", "en": "a", " jv": "b"}) + "\n", "' jv' is malformed"),
+    (".jsonl", json.dumps({"id": "q", "en": "a", "jv ": "b"}) + "\n", "'jv ' is malformed"),
+    (".csv", "id,en, jv\nq,a,b\n", "' jv' is malformed"),
+    (".csv", "id,en,jv,jv\nq,a,b,c\n", "column 'jv' appears more than once"),
+    (".csv", "id,en,jv,sw,jv\nq,a,b,c,d\n", "column 'jv' appears more than once"),
+    (".csv", "id,id,en,jv\nq,r,a,b\n", "column 'id' appears more than once"),
+    (".jsonl", json.dumps({"id": "q", "texts": {"en": "a", "\x1b[2J": "b"}}) + "\n", "is malformed"),
+])
+def test_a_language_column_is_taken_as_written(env, capsys, tmp_path, suffix, text, needle):
+    bench = tmp_path / f"cols{suffix}"
+    bench.write_text(text)
+    line = error_line(capsys, _bench_argv(env, bench, tmp_path / "ev"))
+    assert str(bench) in line and needle in line and "\x1b" not in line, line
+
+
+def test_a_nul_byte_anywhere_is_one_line(env, capsys, tmp_path):
+    assert "NUL" in error_line(capsys, eval_argv(env, "ev\x00il"))
+    assert "NUL" in error_line(capsys, report_argv(env, tmp_path / "r\x00"))
+    assert "NUL" in error_line(capsys, train_argv(env, tmp_path / "t", "train.output_dir=a\x00b"))
+    cfg = tmp_path / "nul.yaml"
+    cfg.write_text('train:\n  output_dir: "runs/a\\0b"\n')
+    assert "field 'train.output_dir' holds a NUL byte" in error_line(capsys, ["train", "--config", str(cfg)])
+    cfg.write_text('data:\n  source: "q\\0.jsonl"\n')
+    assert "field 'data.source' holds a NUL byte" in error_line(capsys, ["train", "--config", str(cfg)])
+
+
+def test_terminal_escapes_in_any_message_are_escaped(env, capsys, tmp_path):
+    bench = tmp_path / "esc.jsonl"
+    bench.write_text(json.dumps({"id": "a", "en": "x"}) + "\n" + json.dumps({"id": "a", "en": "y\x1b]0;t\x07"}) + "\n")
+    line = error_line(capsys, _bench_argv(env, bench, tmp_path / "ev"))
+    assert "duplicate id" in line
+    line = error_line(capsys, ["train", "train.l\x1b[2Jr=1"])
+    assert "\\x1b" in line and "\x1b" not in line

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from msd.errors import MsdError
+from msd.errors import MsdError, printable
 
 # Failures of the machine, not of msd: a full disk, a read-only or forbidden folder.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE,
@@ -114,6 +114,10 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MSD_DEBUG") == "1"
+    nul = next((i for i, a in enumerate(argv, start=1) if "\x00" in a), None)
+    if nul:  # no path or setting can hold one (fixed bug: a NUL in --out was a traceback)
+        print(f"msd: error: argument {nul} holds a NUL byte", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Fixed bug: argparse stops collecting positionals at the first option, so overrides after
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except MsdError as e:
         if debug:
             raise
-        print(f"msd: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        # one line, always, and never a raw terminal escape from the input (msd.identifiers)
+        print(f"msd: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
     except OSError as e:
         if debug or e.errno not in ENVIRONMENT_ERRNOS:
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 "free space or fix the permissions, then rerun (finished work is kept)")
         name = str(e.filename or "output")
         name = name if len(name) <= 200 else name[:200] + "..."
-        print(f"msd: error: {' '.join(name.split())}: {e.strerror}; {hint}", file=sys.stderr)
+        print(f"msd: error: {printable(' '.join(name.split()))}: {e.strerror}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msd: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ import pkgutil
 import sys
 from typing import Callable, Generic, Iterator, TypeVar
 
-from msd.errors import MsdError, closest
+from msd.errors import MsdError, closest, printable
 
 T = TypeVar("T")
 _ALL: list["Registry"] = []  # every registry, so a failing plugin's entries can be taken back
@@ -117,8 +117,8 @@ def load_plugins() -> None:
             for reg, entries in saved:
                 reg._entries = entries
             sys.modules.pop(module, None)
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            print(f"msd: warning: plugin {module!r} skipped ({reason})", file=sys.stderr)
+            reason = printable(" ".join(f"{type(e).__name__}: {e}".split())[:300])
+            print(f"msd: warning: plugin {printable(module)!r} skipped ({reason})", file=sys.stderr)
 
 
 def choices(registry: Registry) -> Callable[[], list[str]]:

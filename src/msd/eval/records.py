@@ -16,11 +16,10 @@ not: the saved responses are judged again without generating anything.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
-from msd import fingerprint
+from msd import fingerprint, identifiers
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
 from msd.eval.judges.base import LABELS
@@ -43,9 +42,6 @@ FIELD_TYPES = {"benchmark": str, "lang": str, "query_id": (str, int), "sample": 
                "response_tokens": int, "truncated": bool}
 
 
-_CODE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_NAME = re.compile(r"^[^\n\r\t]{1,200}$")
-
 
 def check_record(r: dict, where: str) -> None:
     missing = [k for k in REQUIRED if k not in r]
@@ -60,10 +56,11 @@ def check_record(r: dict, where: str) -> None:
                            "this is not a records.jsonl written by msd", where)
     if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
         raise MsdError("record has a negative sample or an unknown label", where)
-    # Names end up in tables, titles and file names: a language code, a benchmark name, an id.
-    if not _CODE.match(r["lang"]) or not _NAME.match(r["benchmark"]) or len(str(r["query_id"])) > 200:
-        raise MsdError("record has a malformed lang, benchmark or query_id (a language code, a "
-                       "name of at most 200 characters)", where)
+    # Names end up in tables, titles and file names: checked by the functions that accepted
+    # them when the benchmark was read (msd.identifiers), so what was accepted reads back.
+    identifiers.check_lang(r["lang"], f"{where}: field 'lang'", registered=False)
+    identifiers.check_benchmark(r["benchmark"], f"{where}: field 'benchmark'")
+    identifiers.check_query_id(r["query_id"], f"{where}: field 'query_id'")
 
 
 def load_records(run_dir: str | Path) -> list[dict]:
