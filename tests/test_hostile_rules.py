@@ -497,3 +497,49 @@ def test_terminal_escapes_in_any_message_are_escaped(env, capsys, tmp_path):
     assert "duplicate id" in line
     line = error_line(capsys, ["train", "train.l\x1b[2Jr=1"])
     assert "\\x1b" in line and "\x1b" not in line
+
+
+# ============================================================ 5. reports
+
+def _eval_folder(tmp_path, name, bench="b", lang="jv") -> Path:
+    run = tmp_path / name
+    run.mkdir(parents=True)
+    recs = [{"benchmark": bench, "lang": lang, "query_id": f"q{i}", "sample": 0, "label": lab,
+             "response": "no", "prompt": "x", "harmful": True, "refused": lab == "safe"}
+            for i, lab in enumerate(["safe", "unsafe", "safe"])]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return run
+
+
+@pytest.mark.parametrize("text", ["$x$", "$\\frac{", "a $b", "$$", "\\$ $\\mathrm{x}^{2$", "$\\undefinedcmd$"])
+def test_labels_and_names_are_text_never_markup(env, capsys, tmp_path, text):
+    runs = [_eval_folder(tmp_path, "before", bench=f"bench {text}"), _eval_folder(tmp_path, f"after {text}",
+                                                                                   bench=f"bench {text}")]
+    out = tmp_path / "rep"
+    assert main(["report", *map(str, runs), "--out", str(out), "--labels", f"base,{text.replace(',', ';')}"]) == 0
+    assert len(list(out.glob("asr_*.png"))) == 2  # the ASR plot and the split plot
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep2")]) == 0  # folder names as labels
+
+
+@pytest.mark.parametrize("info, field", [
+    ({"kind": 3}, "kind"), ({"benchmark": ["b"]}, "benchmark"), ({"judge": "llm"}, "judge"),
+    ({"judge": {"name": 1}}, "judge.name"), ({"judge": {"version": []}}, "judge.version"),
+    ({"languages": "jv"}, "languages"), ({"languages": [1]}, "languages"), ({"settings": []}, "settings"),
+    ({"model": None}, "model"), ({"adapter": 5}, "adapter"), ({"benchmark": "a\tb"}, "benchmark"),
+    ({"last_call": {"generated": "3"}}, "last_call.generated"), ({"throughput": {"tokens_per_s": True}}, "throughput"),
+])
+def test_a_run_json_with_wrong_field_types_is_one_line(env, capsys, tmp_path, info, field):
+    run = _eval_folder(tmp_path, "ev")
+    (run / "run.json").write_text(json.dumps(info))
+    line = error_line(capsys, ["report", str(run), "--out", str(tmp_path / "rep")])
+    assert "run.json" in line and field in line, line
+
+
+@pytest.mark.parametrize("names", [("a b", "a_b"), ("a/b", "a_b"), ("A", "a"), ("x" * 70, "x" * 61),
+                                   ("a-b", "a b"), ("q\u00e9", "q_")])
+def test_plot_files_are_unique_per_benchmark(env, tmp_path, names):
+    runs = [_eval_folder(tmp_path, f"r{i}", bench=name) for i, name in enumerate(names)]
+    out = tmp_path / "rep"
+    files = __import__("msd.report", fromlist=["build"]).build([str(r) for r in runs], out)
+    asr = [p for k, p in files.items() if k.startswith("asr_") and not k.startswith("asr_split")]
+    assert len(asr) == 2 and len({p.name.lower() for p in asr}) == 2, asr

@@ -43,15 +43,47 @@ FIELD_TYPES = {"benchmark": str, "lang": str, "query_id": (str, int), "sample": 
 
 
 
+# The fields of run.json that msd reads back (eval reruns, msd report), with their types; a
+# run.json of another shape is one line naming the field. Fixed bug: a run.json with wrong
+# field types crashed the report.
+RUN_TYPES = {"kind": str, "benchmark": str, "model": str, "adapter": (str, _N), "dtype": (str, _N),
+             "judge": dict, "settings": dict, "languages": list, "last_call": dict, "throughput": dict}
+RUN_NESTED = {"judge": {"name": str, "version": (str, _N), "stale_records": int, "stale_judges": list},
+              "last_call": {"generated": int, "rejudged": int},
+              "throughput": {"responses": int, "generate_seconds": (int, float), "tokens": int,
+                             "tokens_per_s": (int, float), "backend": (str, _N)}}
+
+
+def _is(value, types) -> bool:
+    """isinstance, except that true/false is no number."""
+    types = types if isinstance(types, tuple) else (types,)
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def check_run(info: dict, where: str) -> dict:
+    """run.json's fields have the types msd wrote (see RUN_TYPES)."""
+    for key, types in RUN_TYPES.items():
+        value = info.get(key)
+        if key in info and not _is(value, types):
+            raise MsdError(f"field '{key}' has the wrong type ({type(value).__name__}); this is not "
+                           "a run.json written by msd: remove it or use another folder", where)
+        for sub, sub_types in RUN_NESTED.get(key, {}).items():
+            if isinstance(value, dict) and sub in value and not _is(value[sub], sub_types):
+                raise MsdError(f"field '{key}.{sub}' has the wrong type ({type(value[sub]).__name__}); "
+                               "this is not a run.json written by msd", where)
+    if not all(isinstance(x, str) for x in info.get("languages", [])):
+        raise MsdError("field 'languages' must list language codes", where)
+    if "benchmark" in info:
+        identifiers.check_benchmark(info["benchmark"], f"{where}: field 'benchmark'")
+    return info
+
+
 def check_record(r: dict, where: str) -> None:
     missing = [k for k in REQUIRED if k not in r]
     if missing:
         raise MsdError(f"record lacks field(s) {', '.join(missing)}", where)
     for key, types in FIELD_TYPES.items():
-        value = r.get(key)
-        ok = key not in r or (isinstance(value, types) and not (
-            isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))))
-        if not ok:
+        if key in r and not _is(r[key], types):
             raise MsdError(f"record field '{key}' has the wrong type ({type(value).__name__}); "
                            "this is not a records.jsonl written by msd", where)
     if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
@@ -104,7 +136,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise MsdError(f"cannot read run.json ({type(e).__name__})", str(path)) from None
     if not isinstance(info, dict):
         raise MsdError("run.json must hold a JSON object; remove it or use another --out", str(path))
-    return info
+    return check_run(info, str(path))
 
 
 def identity(model, tokenizer, tuples=None, given: dict | None = None) -> dict:
