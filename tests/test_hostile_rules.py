@@ -543,3 +543,43 @@ def test_plot_files_are_unique_per_benchmark(env, tmp_path, names):
     files = __import__("msd.report", fromlist=["build"]).build([str(r) for r in runs], out)
     asr = [p for k, p in files.items() if k.startswith("asr_") and not k.startswith("asr_split")]
     assert len(asr) == 2 and len({p.name.lower() for p in asr}) == 2, asr
+
+
+# ============================================================ 3. ranks agree or stop
+
+@pytest.mark.parametrize("differ", ["train.lr", "max_steps", "data content"])
+def test_ranks_with_different_configs_stop_at_once(env, tmp_path, differ):
+    """Two gloo processes (CPU), each given its own config: both stop with one line naming
+    the difference, well before any collective could hang."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        data = tmp_path / f"q{rank if differ == 'data content' else 0}" / "q.jsonl"
+        data.parent.mkdir(exist_ok=True)
+        write_queries(data, n=8 + (rank if differ == "data content" else 0))
+        extra = {"train.lr": [f"train.lr={1e-3 * (rank + 1)}"], "max_steps": [f"train.max_steps={2 + rank}"],
+                 "data content": []}[differ]
+        argv = ["train", "--quiet", f"model.name_or_path={env['model']}", f"data.source={tmp_path / 'q0' / 'q.jsonl'}",
+                f"train.output_dir={tmp_path / 'out'}", "train.batch_size=2", "train.max_steps=2",
+                "rollout.max_new_tokens=3", *extra]
+        if differ == "data content":  # the same path, another file (each rank runs elsewhere)
+            argv[3] = "data.source=q.jsonl"
+        penv = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        procs.append(subprocess.Popen([sys.executable, "-m", "msd.cli", *argv], env=penv, text=True,
+                                      cwd=data.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    t0 = time.time()
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+        assert "differs between process 0 and process 1" in err
+        assert {"train.lr": "train.lr: 0.001 -> 0.002", "max_steps": "train.max_steps: 2 -> 3",
+                "data content": "identity.data_content"}[differ] in err, err
+    assert time.time() - t0 < 240
+    assert not (tmp_path / "out" / "checkpoints").exists()

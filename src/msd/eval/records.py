@@ -199,5 +199,18 @@ def judge_of(records: list[dict], judge: dict) -> dict:
     return {**judge, "stale_records": n, "stale_judges": stale} if n else judge
 
 
+def settle(run_dir: str | Path, info: dict, judge: dict) -> dict:
+    """At the end of a call, finished or not: records compacted, metrics.json recomputed, and
+    run.json naming the judge of the records as they are (`judge_of`). Returns the metrics.
+    Fixed bug: after a re-judge stopped part-way, run.json named the new judge over records
+    still judged by the old."""
+    records = load_records(run_dir)
+    compact(run_dir, records)
+    metrics = write_metrics(run_dir, records)
+    info["judge"] = judge_of(records, judge)
+    write_run(run_dir, info)
+    return metrics
+
+
 def write_run(run_dir: str | Path, info: dict) -> None:
     atomic_write_json(Path(run_dir) / RUN, info)

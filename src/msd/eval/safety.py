@@ -152,6 +152,18 @@ def _rejudge(judge, tuples, langs, done: dict, writer: JsonlWriter, english: str
     return len(stale)
 
 
+def independent_samples(temperature: float, num_samples: int) -> int:
+    """How many samples per query are independent: greedy decoding (temperature 0) gives one
+    answer however often it is asked, so its copies are not generated or counted.
+    Fixed bug: 16 queries x 5 greedy copies counted as 80 samples, narrowing the interval to
+    [0.954, 1] where 16 answers give [0.806, 1]."""
+    if temperature == 0 and num_samples > 1:
+        print(f"msd: --temperature 0 is greedy: {num_samples} samples per query would be one answer "
+              "repeated, so one is generated")
+        return 1
+    return num_samples
+
+
 def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge: Judge,
              out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -164,13 +176,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     records of the model (the adapter: msd.eval.records.identity)."""
     from tqdm.auto import tqdm
 
-    if temperature == 0 and num_samples > 1:
-        # Greedy decoding gives one answer however often it is asked: its copies are not
-        # independent samples, and counting them narrowed the intervals (fixed bug: 16 queries
-        # x 5 greedy copies gave [0.954, 1] where 16 answers give [0.806, 1]).
-        print(f"msd: --temperature 0 is greedy: {num_samples} samples per query would be one answer "
-              "repeated, so one is generated")
-        num_samples = 1
+    num_samples = independent_samples(temperature, num_samples)
     generate = generate_fn or default_generate()
     out_dir = ensure_writable_dir(out_dir)
     identity = rec.identity(model, tokenizer, tuples, identity)  # before --limit: extending is fine
@@ -222,14 +228,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                     bar.update(len(batch))
                     bar.set_postfix(tok_s=f"{gen_tokens / max(gen_seconds, 1e-9):.0f}")
             bar.close()
-    finally:
-        records = rec.load_records(out_dir)
-        rec.compact(out_dir, records)
-        metrics = rec.write_metrics(out_dir, records)
-        # run.json names the judge of the records as they are, even when a re-judge stopped
-        # part-way (fixed bug: it named the new judge over records still judged by the old).
-        info["judge"] = rec.judge_of(records, judge.describe())
-        rec.write_run(out_dir, info)
+    finally:  # records compacted, metrics and run.json true to them, whatever stopped the run
+        metrics = rec.settle(out_dir, info, judge.describe())
     if n_new:
         info["throughput"] = {"responses": n_new, "generate_seconds": round(gen_seconds, 3),
                               "responses_per_s": round(n_new / max(gen_seconds, 1e-9), 3),

@@ -53,6 +53,9 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
 
     tc = cfg.train
     accelerator = make_accelerator(tc)
+    # Ranks agree or stop: before any other collective (model sharding, batches, steps).
+    sharding.same_everywhere({**resume_keys(cfg), "train": to_dict(cfg)["train"]},
+                             "the config (with its data and model files)", checkpoint.changes)
     out_dir = ensure_writable_dir(tc.output_dir)
     set_seed(tc.seed)
     if model is None:
