@@ -583,3 +583,19 @@ def test_ranks_with_different_configs_stop_at_once(env, tmp_path, differ):
                 "data content": "identity.data_content"}[differ] in err, err
     assert time.time() - t0 < 240
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name, shown", [("ev\nil", "\\n"), ("ev\til", "\\t"), ("ev\x1b[2Jil", "\\x1b"),
+                                         ("ev\u202eil", "\\u202e")])
+def test_a_folder_name_with_a_control_character_is_refused_by_writers_and_readers(env, capsys, tmp_path,
+                                                                                  name, shown):
+    for argv in (eval_argv(env, tmp_path / name), train_argv(env, tmp_path / name),
+                 baseline_argv(env, tmp_path / name), report_argv(env, tmp_path / name)):
+        line = error_line(capsys, argv)
+        assert "control character" in line and shown in line and "\x1b" not in line, line
+    assert not (tmp_path / name).exists()
+    run = _eval_folder(tmp_path, name)  # made by hand: msd report reads it back by the same rule
+    line = error_line(capsys, ["report", str(run), "--out", str(tmp_path / "rep")])
+    assert "control character" in line and shown in line
+    line = error_line(capsys, report_argv(env, tmp_path / "rep", "--labels", "a\x1bb"))
+    assert "label" in line and "\\x1b" in line

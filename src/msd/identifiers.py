@@ -62,3 +62,14 @@ def check_lang(code, where: str | None, *, registered: bool = True) -> str:
 
         languages.parse_codes([code], where)
     return code
+
+
+def check_path(value, where: str | None) -> str:
+    """A folder msd writes to or reads runs from: no NUL and no control characters (a newline
+    in a folder name would split messages, tables and labels made from it)."""
+    text = str(value)
+    bad = "\\x00" if "\x00" in text else _control(text)
+    if bad:
+        raise MsdError(f"the path {printable(text[:80])!r} holds a control character ({bad}); "
+                       "rename it", where)
+    return text

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from msd import owner
 from msd.errors import MsdError
+from msd.identifiers import check_path
 
 LOCK_NAME = ".msd.lock"
 _held: dict[str, tuple[int, int]] = {}  # folder -> (fd, depth) of the locks this process holds
@@ -45,7 +46,7 @@ def output_lock(folder: str | os.PathLike, kind: str, *, fresh: bool = False):
         owner.claim(folder, kind, fresh=fresh)
         yield
         return
-    folder = Path(folder)
+    folder = Path(check_path(folder, "output folder"))  # the check msd report reads runs back with
     owner.check_place(folder)  # before anything is created there
     try:
         folder.mkdir(parents=True, exist_ok=True)

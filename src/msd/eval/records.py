@@ -84,7 +84,7 @@ def check_record(r: dict, where: str) -> None:
         raise MsdError(f"record lacks field(s) {', '.join(missing)}", where)
     for key, types in FIELD_TYPES.items():
         if key in r and not _is(r[key], types):
-            raise MsdError(f"record field '{key}' has the wrong type ({type(value).__name__}); "
+            raise MsdError(f"record field '{key}' has the wrong type ({type(r[key]).__name__}); "
                            "this is not a records.jsonl written by msd", where)
     if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS):
         raise MsdError("record has a negative sample or an unknown label", where)
