@@ -253,6 +253,7 @@ PLUGINS = {
                    "languages.register('zz', 'Zed', 'low')\nDIVERGENCES.register('rkl', object())\n"),
     "plug_good": "from msd import languages\nlanguages.register('qq', 'Queue', 'low')\n",
     "plug_syntax": "def broken(:\n",
+    "plug_exits": "import sys\nsys.exit(3)\n",
 }
 
 
@@ -271,8 +272,8 @@ def test_a_failing_plugin_is_named_in_one_line_and_skipped(tmp_path):
                             env=env, timeout=120)
     assert helped.returncode == 0 and "usage: msd" in helped.stdout, helped.stderr[-2000:]
     warned = helped.stderr.splitlines()
-    assert len(warned) == 4 and all(w.startswith("msd: warning: plugin '") for w in warned), warned
-    for name in ("plug_raises", "plug_clash", "plug_syntax", "plug_missing_module"):
+    assert len(warned) == 5 and all(w.startswith("msd: warning: plugin '") for w in warned), warned
+    for name in ("plug_raises", "plug_clash", "plug_syntax", "plug_exits", "plug_missing_module"):
         assert sum(f"'{name}' skipped" in w for w in warned) == 1, warned
     assert "boom at import" in helped.stderr and "registered already" in helped.stderr
     probe = ("from msd.languages import LANGUAGES; from msd.divergences import DIVERGENCES; "
@@ -599,3 +600,13 @@ def test_a_folder_name_with_a_control_character_is_refused_by_writers_and_reader
     assert "control character" in line and shown in line
     line = error_line(capsys, report_argv(env, tmp_path / "rep", "--labels", "a\x1bb"))
     assert "label" in line and "\\x1b" in line
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_log_lines_behind(env, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(env, out, "train.max_steps=2")) == 0
+    (out / "checkpoints").rename(tmp_path / "gone")  # as if killed before any checkpoint
+    with open(out / "logs.jsonl", "a") as f:
+        f.write("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (3, 4, 5)))
+    assert main(train_argv(env, out, "train.max_steps=2")) == 0
+    assert _steps(out) == [1, 2] and all(json.loads(x)["loss"] != 9.0 for x in (out / "logs.jsonl").open())

@@ -24,7 +24,9 @@ Fixed bug: such a plugin broke every command with a traceback that did not name 
 from __future__ import annotations
 
 import os
-import warnings
+import sys
+
+from msd.errors import printable
 
 BUNDLED = ("msd.organism.plugin",)
 GROUP = "msd.plugins"
@@ -40,5 +42,5 @@ def names() -> list[str]:
 
         found += [ep.value for ep in entry_points(group=GROUP) if ep.value not in found]
     except Exception as e:  # a broken installed distribution must not break msd
-        warnings.warn(f"msd: cannot list plugins ({e})")
+        print(f"msd: warning: cannot list plugins ({printable(' '.join(str(e).split()))[:300]})", file=sys.stderr)
     return found

@@ -113,7 +113,7 @@ def load_plugins() -> None:
         saved = [(reg, dict(reg._entries)) for reg in _ALL]
         try:
             importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001 - whatever a plugin raises, it fails alone
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - whatever a plugin raises, it fails alone
             for reg, entries in saved:
                 reg._entries = entries
             sys.modules.pop(module, None)

@@ -126,6 +126,8 @@ def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) ->
     if resume and ckpt is None:
         raise MsdError("--resume given but the output folder holds no checkpoint", str(out_dir))
     if ckpt is None:
+        if run.accelerator.is_main_process:  # a run killed before its first checkpoint: its
+            logs.drop_logs_after(out_dir, 0)  # log lines are not this run's (as for a baseline)
         return 0
     # Fixed bug: the config was compared only after loading the weights, so a changed shape
     # (lora.r) failed with a tensor-size error instead of naming what changed.
