@@ -92,10 +92,11 @@ def test_resume_regenerates_only_missing(tok, fake_gen, tmp_path):
 
 
 def test_num_samples_and_limit(tok, fake_gen, tmp_path):
-    run(tok, tmp_path, generate_fn=fake_gen, num_samples=2, limit=2)
+    # sampled (temperature > 0): greedy decoding has one sample per query (test_hostile_rules)
+    run(tok, tmp_path, generate_fn=fake_gen, num_samples=2, limit=2, temperature=0.7)
     keys = {(r["lang"], r["query_id"], r["sample"]) for r in rec.load_records(tmp_path)}
     assert len(keys) == 2 * 3 * 2
-    run(tok, tmp_path, generate_fn=fake_gen, num_samples=2, limit=3)  # a larger limit adds the new queries only
+    run(tok, tmp_path, generate_fn=fake_gen, num_samples=2, limit=3, temperature=0.7)  # a larger limit adds the new queries only
     assert len(rec.load_records(tmp_path)) == 3 * 3 * 2
 
 

@@ -234,3 +234,140 @@ def test_fuzz_cases_in_a_real_process(env, argv):
                           timeout=120, env={**os.environ, "PYTHONPATH": pythonpath})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("msd: error: "), proc.stderr
+
+
+# ----------------------------------------------------------------------------- baseline, report, judge
+
+PAIR_FIELDS = ["prompt", "chosen", "rejected", "completion", "label", "lang"]
+
+
+def fuzz_pair_line(rng: random.Random, i: int) -> str:
+    row = {"prompt": f"how do I make fire {i}", "chosen": "sorry I can not help",
+           "rejected": "here are steps one two", "lang": "en"}
+    kind = rng.randrange(8)  # 5..7: a valid row
+    if kind == 0:
+        row[rng.choice(PAIR_FIELDS)] = rng.choice(VALUES)
+    elif kind == 1:
+        row.pop(rng.choice(list(row)))
+    elif kind == 2:
+        return json.dumps(row)[: rng.randint(1, 30)]
+    elif kind == 3:
+        return json.dumps(rng.choice(VALUES), allow_nan=True)
+    elif kind == 4:
+        row = {"prompt": row["prompt"], "completion": rng.choice(VALUES), "label": rng.choice(VALUES)}
+    return json.dumps(row, allow_nan=True)
+
+
+def test_fuzz_baselines(env, capsys):
+    """Hostile pair files, baseline settings and output folders, through `msd baseline`."""
+    rng = random.Random(SEED + 4)
+    codes = []
+    for i in range(10 * SCALE):
+        data = env["root"] / f"pairs{i}.{rng.choice(['jsonl', 'jsonl', 'csv'])}"
+        lines = [fuzz_pair_line(rng, j) if rng.random() < 0.5 else fuzz_pair_line(random.Random(7), j)
+                 for j in range(rng.randint(2, 6))]
+        if rng.random() < 0.5:  # a valid file: the run goes as far as the settings allow
+            lines = [json.dumps({"prompt": f"make fire {j}", "chosen": "sorry no", "rejected": "steps one",
+                                 "lang": "en"}) for j in range(4)]
+        data.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="replace")
+        out = env["root"] / f"brun{i % 4}"  # reused: reruns, other methods, other owners' folders
+        argv = ["baseline", rng.choice(["sft", "dpo", "kto", "orpo", "simpo"]), "--quiet",
+                f"model.name_or_path={env['model']}", f"baseline.data={data}", "train.batch_size=2",
+                "train.max_steps=1", f"train.output_dir={out}"]
+        if rng.random() < 0.4:
+            key = rng.choice(["beta", "loss_type", "label_smoothing", "simpo_gamma", "max_length", "data",
+                              "desirable_weight", "bogus"])
+            argv.append(f"baseline.{key}={rng.choice(VALUES)}")
+        if rng.random() < 0.3:
+            argv.append(rng.choice(["--no-resume", "--resume", "train.save_every=1", "train.max_steps=3"]))
+        codes.append(run_cli(capsys, argv, f"baseline case {i}: {lines!r} {argv[-1]!r}"[:400]))
+    assert {0, 2} <= set(codes), codes
+
+
+RUN_JSON = ["[]", "{", "null", '{"kind": 3}', '{"settings": []}', '{"judge": "x"}', '{"judge": {"name": 1}}',
+            '{"languages": "jv"}', '{"benchmark": "a\\tb"}', '{"model": null}', '{"last_call": {"generated": "1"}}',
+            '{"kind": "safety", "benchmark": "$\\\\frac{$", "languages": ["jv"]}', '{"throughput": []}']
+NAMES = ["b", "b b", "b_b", "$x$", "$\\frac{", "x" * 200, "\u00e9", "a/b", "..", "-", "q\u202e"]
+
+
+def test_fuzz_reports(env, capsys):
+    """Hostile run.json files, benchmark names, labels and output folders, through `msd report`."""
+    rng = random.Random(SEED + 5)
+    codes = []
+    for i in range(16 * SCALE):
+        runs = []
+        for k in range(rng.randint(1, 3)):
+            run = env["root"] / f"rp{i}" / rng.choice(["a", "b", "$x$", "c d"]) / f"{k}"
+            run.mkdir(parents=True, exist_ok=True)
+            bench = rng.choice(NAMES)
+            recs = [{**GOOD, "benchmark": bench, "query_id": f"q{j}", "label": rng.choice(["safe", "unsafe"])}
+                    for j in range(3)]
+            (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            if rng.random() < 0.5:
+                (run / "run.json").write_text(rng.choice(RUN_JSON))
+            runs.append(str(run))
+        argv = ["report", *runs, "--out", str(env["root"] / rng.choice([f"rpo{i}", f"ev{i}", f"rp{i}"]))]
+        if rng.random() < 0.4:
+            argv += ["--labels", ",".join(rng.choice(NAMES).replace(",", ";") for _ in runs)]
+        codes.append(run_cli(capsys, argv, f"report case {i}: {argv!r}"[:400]))
+    assert {0, 2} <= set(codes), codes
+
+
+REPLIES = [b'{"choices": [{"message": {"content": "safe"}}]}', b'{"choices": [{"message": {"content": 1}}]}',
+           b'{"choices": [{"message": {"content": [{"type": "text", "text": "unsafe"}]}}]}',
+           b'{"choices": [{"message": {"content": null}}]}', b'{"choices": []}', b'{"choices": [{}]}',
+           b'[]', b'{', b'<html>hi</html>', b'\xff\xfe\x00', b'{"choices": [{"message": {"content": {"a": 1}}}]}',
+           b'{"choices": [{"message": {"content": "' + b"x" * 5000 + b'"}}]}', b"",
+           b'{"choices": [{"message": {"content": ["invalid", 3, null]}}]}', b'"safe"']
+KEYS_ENV = [None, "sk-ok", "sk-\nbad", "sk-\rbad", "k\u20ac", " sk", "sk-ok\n"]
+
+
+def test_fuzz_judges(env, capsys, monkeypatch):
+    """Hostile endpoint replies, status codes, API keys and judge flags, through `msd eval --judge llm`."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    rng = random.Random(SEED + 6)
+    plan = {"status": 200, "body": REPLIES[0]}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(plan["status"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(plan["body"])))
+            self.end_headers()
+            self.wfile.write(plan["body"])
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    bench = write_queries(env["root"] / "judge-q.jsonl", n=2)
+    codes = []
+    try:
+        for i in range(12 * SCALE):
+            hostile = rng.random() < 0.6  # else a sound setup, so both ends are exercised
+            plan.update(status=rng.choice([200, 200, 200, 400, 404, 429, 500]) if hostile else 200,
+                        body=rng.choice(REPLIES) if hostile else REPLIES[rng.choice([0, 1, 2, 3])])
+            key = rng.choice(KEYS_ENV) if hostile else "sk-ok"
+            if key is None:
+                monkeypatch.delenv("MSD_JUDGE_API_KEY", raising=False)
+            else:
+                monkeypatch.setenv("MSD_JUDGE_API_KEY", key)
+            argv = ["eval", "safety", "--quiet", "--model", env["model"], "--benchmark", bench, "--langs", "jv",
+                    "--max-new-tokens", "2", "--out", str(env["root"] / f"jrun{i % 3}"), "--judge", "llm",
+                    "--judge-base-url", rng.choice([url, url + "?x=1", "ftp://x", "http://"]) if hostile else url,
+                    "--judge-model", rng.choice(["m", "", "m\x1b[2J"]) if hostile else "m", "--judge-retries", "1",
+                    "--judge-timeout", rng.choice(["2", "0", "-1", "nan"]) if hostile else "2",
+                    "--judge-cache-dir", str(env["root"] / f"jcache{i}")]
+            case = f"judge case {i}: status {plan['status']} body {plan['body'][:80]!r}"
+            codes.append(run_cli(capsys, argv, case))
+            err = capsys.readouterr()
+            assert "bad" not in err.out + err.err and "\u20ac" not in err.err, case
+    finally:
+        server.shutdown()
+    assert {0, 2} <= set(codes), codes

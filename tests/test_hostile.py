@@ -191,7 +191,7 @@ def test_training_does_not_resume_on_another_model(env, capsys):
 HOLD = """
 import sys, time
 from msd.lock import output_lock
-with output_lock(sys.argv[1]):
+with output_lock(sys.argv[1], "eval"):
     print("held", flush=True)
     time.sleep(60)
 """

@@ -44,6 +44,8 @@ def check(key: str, value, where: str | None = None, **bounds) -> None:
             note = f" ({bounds['note']})" if "note" in bounds else ""
             raise MsdError(f"field '{key}' must be {describe(bounds)}, got {short_repr(value)}{note}", where)
     if isinstance(value, str):
+        if "\x00" in value:  # no file name can hold one (fixed bug: a traceback deep in os)
+            raise MsdError(f"field '{key}' holds a NUL byte", where)
         if bounds.get("nonempty") and not value.strip():
             raise MsdError(f"field '{key}' may not be empty", where)
         if bounds.get("path") or bounds.get("template"):

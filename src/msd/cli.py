@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from msd.errors import MsdError
+from msd.errors import MsdError, printable
 from msd.machine import STRICT_HELP
 
 # Failures of the machine, not of msd: a full disk, a read-only or forbidden folder.
@@ -63,7 +63,9 @@ def run_train(args) -> int:
     from msd.lock import output_lock
     from msd.train import train
 
-    with output_lock(cfg.train.output_dir):
+    # --no-resume starts from a clean folder: the old run's logs and checkpoints are discarded
+    # (never mixed with the new run's), and only in a folder msd train owns.
+    with output_lock(cfg.train.output_dir, "train", fresh=args.resume is False):
         result = train(cfg, progress=not args.quiet, resume=args.resume)
     print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
     return 0
@@ -117,6 +119,10 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("MSD_DEBUG") == "1"
+    nul = next((i for i, a in enumerate(argv, start=1) if "\x00" in a), None)
+    if nul:  # no path or setting can hold one (fixed bug: a NUL in --out was a traceback)
+        print(f"msd: error: argument {nul} holds a NUL byte", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Fixed bug: argparse stops collecting positionals at the first option, so overrides after
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except MsdError as e:
         if debug:
             raise
-        print(f"msd: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        # one line, always, and never a raw terminal escape from the input (msd.identifiers)
+        print(f"msd: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
     except OSError as e:
         if debug or e.errno not in ENVIRONMENT_ERRNOS:
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 "free space or fix the permissions, then rerun (finished work is kept)")
         name = str(e.filename or "output")
         name = name if len(name) <= 200 else name[:200] + "..."
-        print(f"msd: error: {' '.join(name.split())}: {e.strerror}; {hint}", file=sys.stderr)
+        print(f"msd: error: {printable(' '.join(name.split()))}: {e.strerror}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msd: interrupted", file=sys.stderr)

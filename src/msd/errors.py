@@ -7,6 +7,10 @@ config key). The CLI prints it as one line and exits with code 2, with no traceb
 
 from __future__ import annotations
 
+import unicodedata
+
+CONTROL = ("Cc", "Cf", "Zl", "Zp")  # Unicode categories a message never prints raw
+
 
 class MsdError(Exception):
     """A one-line, user-facing error. `where` names the file (and line/field) at fault."""
@@ -22,3 +26,10 @@ def closest(name: str, options) -> str | None:
 
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return match[0] if match else None
+
+
+def printable(text: str) -> str:
+    """`text` with every control or format character escaped (`\\x1b`, `\\u202e`): a message
+    shows the input it names, never a terminal escape sequence hidden in it.
+    Fixed bug: escape codes in query ids were printed raw in messages."""
+    return "".join(ascii(c)[1:-1] if unicodedata.category(c) in CONTROL else c for c in text)

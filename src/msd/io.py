@@ -34,11 +34,15 @@ def cache_root() -> Path:
         raise MsdError(f"cannot find the home folder for msd's cache; set ${CACHE_ENV}") from None
 
 
-def _umask_mode() -> int:
-    """0o666 under the process umask: what `open()` would give (mkstemp makes files 0o600)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    """0o666 under the process umask: what `open()` would give (mkstemp makes files 0o600)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -65,6 +69,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fresh_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, empty hidden folder in `parent` with the permissions `mkdir` would give (mkdtemp
+    makes them 0o700), for a folder written whole and then renamed into place."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:

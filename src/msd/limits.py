@@ -81,6 +81,22 @@ class _LimitedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is an error naming both lines. Fixed bug: a YAML
+        section or key given twice silently dropped the first (merge keys `<<` may still be
+        overridden, as YAML intends)."""
+        seen: dict = {}
+        for key_node, _ in getattr(node, "value", []):
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key_node.value!r} is given twice (first on line {seen[key] + 1}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
 
 def read_text(path, what: str = "file") -> str:
     """A small text file: UTF-8, or UTF-16/32 when it starts with a byte-order mark."""

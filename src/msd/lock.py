@@ -1,7 +1,10 @@
 """One writer per output folder: an advisory lock held for the whole run.
 
-    with output_lock("runs/ev"):
+    with output_lock("runs/ev", "eval"):
         ...  # a second msd process writing to runs/ev now fails at once
+
+Once the lock is held, the folder is claimed for its kind of command (`msd.owner.claim`): a
+folder another kind of command wrote is refused, and `fresh` discards the kind's old outputs.
 
 The lock is `fcntl.flock` on `<folder>/.msd.lock`, which holds the holder's pid. The kernel drops
 it when the process ends, however it ends (a SIGKILL included), so a stale lock never blocks a
@@ -16,7 +19,9 @@ import contextlib
 import os
 from pathlib import Path
 
+from msd import owner
 from msd.errors import MsdError
+from msd.identifiers import check_path
 
 LOCK_NAME = ".msd.lock"
 _held: dict[str, tuple[int, int]] = {}  # folder -> (fd, depth) of the locks this process holds
@@ -28,18 +33,21 @@ def is_main_rank() -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike):
-    """Hold the folder's writer lock (creating the folder) or fail with one line naming the
-    folder and the pid of the process that holds it."""
+def output_lock(folder: str | os.PathLike, kind: str, *, fresh: bool = False):
+    """Hold the folder's writer lock (creating the folder) and claim it for `kind`, or fail with
+    one line naming the folder and the pid of the process that holds it (or its owner)."""
     if not is_main_rank():
         yield
         return
     try:
         import fcntl
-    except ImportError:  # not on POSIX: no advisory locks, run unlocked
+    except ImportError:  # not on POSIX: no advisory locks, run unlocked (but claimed)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        owner.claim(folder, kind, fresh=fresh)
         yield
         return
-    folder = Path(folder)
+    folder = Path(check_path(folder, "output folder"))  # the check msd report reads runs back with
+    owner.check_place(folder)  # before anything is created there
     try:
         folder.mkdir(parents=True, exist_ok=True)
         key = str(folder.resolve())
@@ -69,6 +77,7 @@ def output_lock(folder: str | os.PathLike):
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = (fd, 1)
     try:
+        owner.claim(folder, kind, fresh=fresh)
         yield
     finally:
         del _held[key]

@@ -101,6 +101,13 @@ def load_model(model_cfg, adapter: str | None = None, device=None, *, path: str 
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as e:  # Fixed bug: flash_attention_2 without its package was a traceback
+        first = (str(e).splitlines() or [""])[0][:200]
+        if model_cfg.attn_implementation:
+            raise MsdError(f"attention kernel {model_cfg.attn_implementation!r} cannot be used here "
+                           f"({first}); install its package or choose sdpa or eager",
+                           "model.attn_implementation") from None
+        raise MsdError(f"cannot load model (a package it needs is missing: {first})", path) from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise MsdError(f"cannot load model ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})",
                        path) from None

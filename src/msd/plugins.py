@@ -15,19 +15,25 @@ Set MSD_PLUGINS=0 to load none (the core then runs without the organism).
 
 msd's own packages that extend the core the same way (`PARTS`: the `baseline` config section
 of msd.baselines) load first, always, MSD_PLUGINS=0 or not: a config reads the same either way.
+
+A plugin fails alone: one that raises when imported, registers a name that exists already, or
+names a module that is not installed is named in one warning line on stderr
+(`msd: warning: plugin 'x.y' skipped (...)`) and skipped, with whatever it registered before it
+failed taken back; every command, `msd --help` included, keeps working
+(`msd.registry.load_plugins` imports them).
+Fixed bug: such a plugin broke every command with a traceback that did not name it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
+import sys
+
+from msd.errors import printable
 
 PARTS = ("msd.baselines.options",)
 BUNDLED = ("msd.organism.plugin", "msd.sources.smollm2")
 GROUP = "msd.plugins"
-
-_state = {"loaded": False}
 
 
 def names() -> list[str]:
@@ -40,14 +46,5 @@ def names() -> list[str]:
 
         found += [ep.value for ep in entry_points(group=GROUP) if ep.value not in found]
     except Exception as e:  # a broken installed distribution must not break msd
-        warnings.warn(f"msd: cannot list plugins ({e})")
+        print(f"msd: warning: cannot list plugins ({printable(' '.join(str(e).split()))[:300]})", file=sys.stderr)
     return found
-
-
-def load() -> None:
-    """Import every plugin once (re-entrant: a plugin's own registry lookups see what is loaded)."""
-    if _state["loaded"]:
-        return
-    _state["loaded"] = True
-    for name in [*PARTS, *names()]:
-        importlib.import_module(name.split(":")[0])

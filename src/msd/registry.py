@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from typing import Callable, Generic, Iterator, TypeVar
 
-from msd.errors import MsdError, closest
+from msd.errors import MsdError, closest, printable
 
 T = TypeVar("T")
+_ALL: list["Registry"] = []  # every registry, so a failing plugin's entries can be taken back
 
 
 class Registry(Generic[T]):
@@ -35,6 +37,7 @@ class Registry(Generic[T]):
         self.discover = discover  # a package whose modules register entries when imported
         self._entries: dict[str, T] = {}
         self._discovered = False
+        _ALL.append(self)
 
     # -- adding ---------------------------------------------------------------------------
     def register(self, name: str, entry: T | None = None, *, replace: bool = False):
@@ -59,9 +62,7 @@ class Registry(Generic[T]):
                 for info in pkgutil.iter_modules(package.__path__):
                     if not info.name.startswith("_"):
                         importlib.import_module(f"{self.discover}.{info.name}")
-        from msd import plugins
-
-        plugins.load()
+        load_plugins()
 
     def get(self, name: str) -> T:
         if name not in self._entries:
@@ -93,6 +94,33 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+_plugins = {"loaded": False}
+
+
+def load_plugins() -> None:
+    """Import every plugin (`msd.plugins.names`) once, each alone: one that fails is named in
+    one warning line and skipped, and what it registered before failing is taken back.
+    Re-entrant: a plugin's own registry lookups see what is loaded so far."""
+    if _plugins["loaded"]:
+        return
+    _plugins["loaded"] = True
+    from msd import plugins
+
+    for part in plugins.PARTS:  # msd's own: they load always, and a failure is msd's bug
+        importlib.import_module(part)
+    for name in plugins.names():
+        module = name.split(":")[0].strip()
+        saved = [(reg, dict(reg._entries)) for reg in _ALL]
+        try:
+            importlib.import_module(module)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - whatever a plugin raises, it fails alone
+            for reg, entries in saved:
+                reg._entries = entries
+            sys.modules.pop(module, None)
+            reason = printable(" ".join(f"{type(e).__name__}: {e}".split())[:300])
+            print(f"msd: warning: plugin {printable(module)!r} skipped ({reason})", file=sys.stderr)
 
 
 def choices(registry: Registry) -> Callable[[], list[str]]:

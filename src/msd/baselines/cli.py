@@ -40,8 +40,12 @@ def run(args) -> int:
     from msd.baselines.run import train_baseline
     from msd.train.setup import start_line
 
+    from msd.lock import output_lock
+
     cfg = config.load_config(args.config, [*args.overrides, f"baseline.method={args.method}"])
     start_line(f"baseline {args.method}", cfg, args.strict)
-    result = train_baseline(cfg, progress=not args.quiet, resume=args.resume)
+    # One writer, one owner, as for msd train; --no-resume discards only a baseline's own files.
+    with output_lock(cfg.train.output_dir, "baseline", fresh=args.resume is False):
+        result = train_baseline(cfg, progress=not args.quiet, resume=args.resume)
     print(f"msd: {args.method} trained {result.steps} steps; outputs in {result.output_dir}")
     return 0

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from msd.baselines.data import load_examples, trl_rows
+from msd import fingerprint
 from msd.baselines.methods import METHODS
 from msd.config import to_dict, to_yaml
 from msd.errors import MsdError
@@ -67,7 +68,7 @@ def make_callback(cfg, out_dir: Path):
     """logs.jsonl records (msd's names: step, loss, lr) and state.json in each checkpoint."""
     from transformers import TrainerCallback
 
-    keys = checkpoint.resume_keys(to_dict(cfg))
+    keys = resume_keys(cfg)
 
     class MsdCallback(TrainerCallback):
         def __init__(self):
@@ -100,8 +101,19 @@ def make_callback(cfg, out_dir: Path):
 LOGS = logs.LOGS
 
 
-def resume_point(cfg, out_dir: Path, resume: bool | None) -> str | None:
-    """TRL's latest checkpoint to resume from (None: start fresh), config checked first."""
+def resume_keys(cfg) -> dict:
+    """What a baseline checkpoint must match: the config, and the content of the files it was
+    trained from (MSD's data identity plus the baseline's own data file).
+    Fixed bug: a baseline resumed after its pair file was edited in place."""
+    source = Path(cfg.baseline.data).expanduser()
+    identity = {**fingerprint.training_identity(cfg),
+                "baseline_data_content": fingerprint.file_sha(source) if source.is_file() else cfg.baseline.data}
+    return {**checkpoint.resume_keys(to_dict(cfg)), "identity": identity}
+
+
+def resume_point(cfg, out_dir: Path, resume: bool | None) -> tuple[str | None, int | None]:
+    """TRL's latest checkpoint to resume from (None: start fresh), config checked first, and
+    the step of a finished run (None: there is training to do)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     root = out_dir / CHECKPOINTS
@@ -112,12 +124,29 @@ def resume_point(cfg, out_dir: Path, resume: bool | None) -> str | None:
 
     step = 0
     if ckpt is not None:
-        checkpoint.check_config(Path(ckpt), checkpoint.resume_keys(to_dict(cfg)))
+        checkpoint.check_config(Path(ckpt), resume_keys(cfg))
         step = checkpoint.read_state(Path(ckpt))["step"]
+        # Fixed bug: TRL resumed from the last step trains one more, so every rerun of a
+        # finished baseline added a step. A finished run (final/ saved) trains nothing.
+        if checkpoint.check_resume_step(Path(ckpt), step, _last_step(cfg, Path(ckpt))) \
+                and (out_dir / "final").is_dir():
+            print(f"msd: the run is finished (step {step}); nothing to train, outputs in {out_dir}")
+            return ckpt, step
         print(f"msd: resuming from {ckpt} (step {step})")
     if PartialState().is_main_process:
         logs.drop_logs_after(out_dir, step)  # the steps after it are about to be redone
-    return ckpt
+    return ckpt, None
+
+
+def _last_step(cfg, ckpt: Path) -> int:
+    """train.max_steps, else the total TRL computed from the epochs (its trainer_state.json)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    try:
+        total = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        total = None
+    return total if type(total) is int and total > 0 else 2**62  # unknown: not finished
 
 
 def train_baseline(cfg, *, model=None, tokenizer=None, progress: bool = True,
@@ -127,9 +156,11 @@ def train_baseline(cfg, *, model=None, tokenizer=None, progress: bool = True,
 
     method = METHODS.get(cfg.baseline.method)
     out_dir = ensure_writable_dir(cfg.train.output_dir)
+    ckpt, finished = resume_point(cfg, out_dir, resume)
+    if finished is not None:  # nothing trained: no model in memory (final/ holds it)
+        return TrainResult(None, tokenizer, out_dir, finished)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
-    ckpt = resume_point(cfg, out_dir, resume)
     examples = load_examples(cfg, model, tokenizer, progress)
     rows = trl_rows(method.kind, examples, cfg.prompt.system_prompt)
     if not rows:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from msd.data.files import SUFFIXES, load_file
 from msd.data.tuples import QueryTuple, benign, is_heldout, split, stripped, validate
+from msd.identifiers import check_benchmark, check_query_id
 from msd.errors import MsdError, closest
 from msd.registry import Registry
 
@@ -64,6 +65,8 @@ def load_dataset(name: str, english: str = "en", where: str | None = None) -> Da
         tuples = stripped(spec.load())
         if spec.validate:
             tuples = validate(tuples, english, name)
+        for t in tuples:  # ids go into records: they must read back (msd.identifiers)
+            check_query_id(t.id, f"{name}: query {t.id!r}"[:80])
         return Dataset(name, tuples, spec.langs(), spec.description, spec.default_judge)
     if not _looks_like_file(name):
         hint = closest(name, DATASETS.names())
@@ -74,9 +77,10 @@ def load_dataset(name: str, english: str = "en", where: str | None = None) -> Da
     if not path.is_file():
         raise MsdError("query file not found (expected a .jsonl or .csv file, or one of "
                        f"{sorted(DATASETS.names())})", name)
+    bench = check_benchmark(path.stem, f"{where or '--benchmark'}: the file name")  # before any work
     tuples = stripped(load_file(path, english))
     langs = list(dict.fromkeys(lang for t in tuples for lang in t.texts))
-    return Dataset(path.stem, tuples, langs, f"queries from {name}")
+    return Dataset(bench, tuples, langs, f"queries from {name}")
 
 
 def load_tuples(source: str, english: str = "en") -> list[QueryTuple]:

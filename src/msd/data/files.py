@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from msd import languages
 from msd.data.tuples import QueryTuple, check_text, validate
 from msd.errors import MsdError
+from msd.identifiers import check_query_id
 from msd.io import read_jsonl_numbered
 
 SUFFIXES = (".jsonl", ".json", ".csv")
@@ -32,10 +32,9 @@ def _row_to_tuple(row: dict, where: str) -> QueryTuple:
     else:
         texts = {k: v for k, v in row.items() if k not in ("id", "meta") and v not in (None, "")}
     for lang in texts:
-        languages.parse_codes([lang], where + f", field '{lang}'")
         check_text(texts[lang], where, lang)
     meta["_where"] = where
-    return QueryTuple(str(row["id"]), dict(texts), meta)
+    return QueryTuple(check_query_id(row["id"], f"{where}: field 'id'"), dict(texts), meta)
 
 
 def load_jsonl(path: Path) -> list[QueryTuple]:
@@ -50,6 +49,9 @@ def load_csv(path: Path) -> list[QueryTuple]:
         try:
             if not reader.fieldnames or "id" not in reader.fieldnames:
                 raise MsdError("CSV needs a header row with an 'id' column and one column per language", f"{path}:1")
+            twice = sorted({n for n in reader.fieldnames if reader.fieldnames.count(n) > 1})
+            if twice:  # Fixed bug: DictReader silently kept the last of the columns
+                raise MsdError(f"column {twice[0]!r} appears more than once in the header", f"{path}:1")
             for row in reader:
                 line = reader.line_num
                 if None in row:

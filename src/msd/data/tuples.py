@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from msd import languages
 from msd.errors import MsdError
+from msd.identifiers import check_lang, check_query_id
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ def validate(tuples: list[QueryTuple], english: str = "en", source: str = "queri
         seen[t.id] = i
         if english not in t.texts:
             raise MsdError(f"tuple {t.id!r} has no English ('{english}') text", where)
+        check_query_id(t.id, where)
         for lang, text in t.texts.items():
-            languages.parse_codes([lang], where)
+            check_lang(lang, f"{where}, field {lang!r}")
             check_text(text, where, lang)
     return tuples
 

@@ -169,12 +169,12 @@ def run(args) -> int:
                            "--model")
         from msd.demo.real import run_real_demo
 
-        with output_lock(args.out):
+        with output_lock(args.out, "demo"):  # one writer per folder
             summary = run_real_demo(args.model, Path(args.out), seed=args.seed, overrides=args.overrides,
                                     progress=not args.quiet, baselines=args.baselines)
         failed = not all(c["pass"] for c in summary["checks"])
         return 1 if args.strict and failed else 0
-    with output_lock(args.out):  # one writer per folder
+    with output_lock(args.out, "demo"):  # one writer per folder
         summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
                            eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,
                            baselines=args.baselines)

@@ -231,14 +231,11 @@ def _one_writer(run):
     """Run a command holding the --out folder's writer lock (msd.lock); --fresh discards the
     old records once the lock is held."""
     def wrapped(args) -> int:
-        from msd.eval import records
         from msd.lock import output_lock
 
         if not args.out.strip():
             raise MsdError("may not be empty (name the run folder to write)", "--out")
-        with output_lock(args.out):
-            if args.fresh:
-                records.discard(args.out)
+        with output_lock(args.out, "eval", fresh=args.fresh):  # --fresh: only an evaluation's files
             return run(args)
 
     return wrapped

@@ -16,14 +16,10 @@ not: the saved responses are judged again without generating anything.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
-from msd import fingerprint
+from msd import fingerprint, identifiers
 from msd.errors import MsdError
 from msd.eval import metrics as metrics_mod
 from msd.eval.judges.base import LABELS
@@ -46,8 +42,40 @@ FIELD_TYPES = {"benchmark": str, "lang": str, "query_id": (str, int), "sample": 
                "response_tokens": int, "truncated": bool}
 
 
-_CODE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_NAME = re.compile(r"^[^\n\r\t]{1,200}$")
+
+# The fields of run.json that msd reads back (eval reruns, msd report), with their types; a
+# run.json of another shape is one line naming the field. Fixed bug: a run.json with wrong
+# field types crashed the report.
+RUN_TYPES = {"kind": str, "benchmark": str, "model": str, "adapter": (str, _N), "dtype": (str, _N),
+             "judge": dict, "settings": dict, "languages": list, "last_call": dict, "throughput": dict}
+RUN_NESTED = {"judge": {"name": str, "version": (str, _N), "stale_records": int, "stale_judges": list},
+              "last_call": {"generated": int, "rejudged": int},
+              "throughput": {"responses": int, "generate_seconds": (int, float), "tokens": int,
+                             "tokens_per_s": (int, float), "backend": (str, _N)}}
+
+
+def _is(value, types) -> bool:
+    """isinstance, except that true/false is no number."""
+    types = types if isinstance(types, tuple) else (types,)
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def check_run(info: dict, where: str) -> dict:
+    """run.json's fields have the types msd wrote (see RUN_TYPES)."""
+    for key, types in RUN_TYPES.items():
+        value = info.get(key)
+        if key in info and not _is(value, types):
+            raise MsdError(f"field '{key}' has the wrong type ({type(value).__name__}); this is not "
+                           "a run.json written by msd: remove it or use another folder", where)
+        for sub, sub_types in RUN_NESTED.get(key, {}).items():
+            if isinstance(value, dict) and sub in value and not _is(value[sub], sub_types):
+                raise MsdError(f"field '{key}.{sub}' has the wrong type ({type(value[sub]).__name__}); "
+                               "this is not a run.json written by msd", where)
+    if not all(isinstance(x, str) for x in info.get("languages", [])):
+        raise MsdError("field 'languages' must list language codes", where)
+    if "benchmark" in info:
+        identifiers.check_benchmark(info["benchmark"], f"{where}: field 'benchmark'")
+    return info
 
 
 def check_record(r: dict, where: str) -> None:
@@ -55,18 +83,16 @@ def check_record(r: dict, where: str) -> None:
     if missing:
         raise MsdError(f"record lacks field(s) {', '.join(missing)}", where)
     for key, types in FIELD_TYPES.items():
-        value = r.get(key)
-        ok = key not in r or (isinstance(value, types) and not (
-            isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))))
-        if not ok:
-            raise MsdError(f"record field '{key}' has the wrong type ({type(value).__name__}); "
+        if key in r and not _is(r[key], types):
+            raise MsdError(f"record field '{key}' has the wrong type ({type(r[key]).__name__}); "
                            "this is not a records.jsonl written by msd", where)
     if r["sample"] < 0 or (r.get("label") is not None and r["label"] not in LABELS + BENIGN_LABELS):
         raise MsdError("record has a negative sample or an unknown label", where)
-    # Names end up in tables, titles and file names: a language code, a benchmark name, an id.
-    if not _CODE.match(r["lang"]) or not _NAME.match(r["benchmark"]) or len(str(r["query_id"])) > 200:
-        raise MsdError("record has a malformed lang, benchmark or query_id (a language code, a "
-                       "name of at most 200 characters)", where)
+    # Names end up in tables, titles and file names: checked by the functions that accepted
+    # them when the benchmark was read (msd.identifiers), so what was accepted reads back.
+    identifiers.check_lang(r["lang"], f"{where}: field 'lang'", registered=False)
+    identifiers.check_benchmark(r["benchmark"], f"{where}: field 'benchmark'")
+    identifiers.check_query_id(r["query_id"], f"{where}: field 'query_id'")
 
 
 def load_records(run_dir: str | Path) -> list[dict]:
@@ -110,7 +136,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise MsdError(f"cannot read run.json ({type(e).__name__})", str(path)) from None
     if not isinstance(info, dict):
         raise MsdError("run.json must hold a JSON object; remove it or use another --out", str(path))
-    return info
+    return check_run(info, str(path))
 
 
 def identity(model, tokenizer, tuples=None, given: dict | None = None) -> dict:
@@ -164,18 +190,26 @@ def check_settings(run_dir: str | Path, settings: dict) -> dict:
     return saved
 
 
-def discard(run_dir: str | Path) -> None:
-    """Remove a run folder's records, metrics and run.json (for --fresh). Each file is moved
-    aside by a rename, records first, so an interruption never leaves old records beside a new
-    run.json."""
-    run_dir = Path(run_dir)
-    for stale in run_dir.glob(".discarded.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    trash = Path(tempfile.mkdtemp(dir=run_dir, prefix=".discarded."))
-    for name in (RECORDS, METRICS, RUN):
-        if (run_dir / name).exists():
-            os.replace(run_dir / name, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
+def judge_of(records: list[dict], judge: dict) -> dict:
+    """run.json's `judge`: the judge of this call, and, while some records still hold another
+    judge's verdict, which judges and how many records (`stale_records`, `stale_judges`)."""
+    stale = sorted({str(r.get("judge_version")) for r in records
+                    if r.get("label") is not None and r.get("judge_version") != judge.get("version")})
+    n = sum(r.get("label") is not None and r.get("judge_version") != judge.get("version") for r in records)
+    return {**judge, "stale_records": n, "stale_judges": stale} if n else judge
+
+
+def settle(run_dir: str | Path, info: dict, judge: dict) -> dict:
+    """At the end of a call, finished or not: records compacted, metrics.json recomputed, and
+    run.json naming the judge of the records as they are (`judge_of`). Returns the metrics.
+    Fixed bug: after a re-judge stopped part-way, run.json named the new judge over records
+    still judged by the old."""
+    records = load_records(run_dir)
+    compact(run_dir, records)
+    metrics = write_metrics(run_dir, records)
+    info["judge"] = judge_of(records, judge)
+    write_run(run_dir, info)
+    return metrics
 
 
 def write_run(run_dir: str | Path, info: dict) -> None:

@@ -201,6 +201,18 @@ class Progress:
         self.bar.close()
 
 
+def independent_samples(temperature: float, num_samples: int) -> int:
+    """How many samples per query are independent: greedy decoding (temperature 0) gives one
+    answer however often it is asked, so its copies are not generated or counted.
+    Fixed bug: 16 queries x 5 greedy copies counted as 80 samples, narrowing the interval to
+    [0.954, 1] where 16 answers give [0.806, 1]."""
+    if temperature == 0 and num_samples > 1:
+        print(f"msd: --temperature 0 is greedy: {num_samples} samples per query would be one answer "
+              "repeated, so one is generated")
+        return 1
+    return num_samples
+
+
 def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge: Judge,
              out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -211,6 +223,7 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
     `generate_fn` replaces the default generate function (`default_generate()`); `backend` is a
     generation backend (`msd.generation.BACKENDS`, or auto); `identity` adds to what run.json
     records of the model (the adapter: msd.eval.records.identity)."""
+    num_samples = independent_samples(temperature, num_samples)
     generate = generate_fn or default_generate()
     out_dir = ensure_writable_dir(out_dir)
     identity = rec.identity(model, tokenizer, tuples, identity)  # before --limit: extending is fine
@@ -262,10 +275,8 @@ def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge
                     writer.write_many(batch)
                     bar.advance(len(batch), gen_tokens, gen_seconds)
             bar.close()
-    finally:
-        records = rec.load_records(out_dir)
-        rec.compact(out_dir, records)
-        metrics = rec.write_metrics(out_dir, records)
+    finally:  # records compacted, metrics and run.json true to them, whatever stopped the run
+        metrics = rec.settle(out_dir, info, judge.describe())
     if n_new:
         info["throughput"] = {"responses": n_new, "generate_seconds": round(gen_seconds, 3),
                               "responses_per_s": round(n_new / max(gen_seconds, 1e-9), 3),

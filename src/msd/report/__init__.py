@@ -93,7 +93,7 @@ def run_report(args) -> int:
     from msd.lock import output_lock
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    with output_lock(args.out):  # one writer per folder, as for eval and train
+    with output_lock(args.out, "report"):  # one writer per folder, as for eval and train
         files = build(args.dirs, args.out, labels=labels, samples=args.samples)
     for name, path in files.items():
         print(f"{name:>16}: {path}")

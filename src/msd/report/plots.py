@@ -6,6 +6,7 @@ nothing here reads a model or a judge. Percentages on every axis.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -24,7 +25,10 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False})
+    # Labels are text, never markup: `$...$` in a run label, a folder or benchmark name is shown
+    # as typed (fixed bug: it was read as mathtext and crashed the report).
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
+                         "text.parse_math": False, "text.usetex": False})
     return plt
 
 
@@ -37,7 +41,13 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60] or "run"
+    """A file-name part unique to `text`: the text itself when it is a short lower-case name,
+    else a readable slug plus a hash of the exact text. Fixed bug: "a b" and "a_b" shared one
+    plot file, so one report section showed the other's plot."""
+    if re.fullmatch(r"[a-z0-9_.-]{1,60}", text) and not re.search(r"-[0-9a-f]{12}$", text):
+        return text
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:48].lower() or "run"
+    return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _width(n_groups: int, n_bars: int) -> float:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msd import languages, tokentext
+from msd import identifiers, languages, tokentext
 from msd.errors import MsdError
 from msd.eval import metrics as M
 from msd.eval import records as rec
@@ -44,7 +44,7 @@ def _labels(paths: list[Path], given: list[str] | None) -> list[str]:
     if given:
         if len(given) != len(paths):
             raise MsdError(f"{len(given)} labels for {len(paths)} folders", "--labels")
-        return given
+        return [identifiers.check_name(label, "label", "--labels") for label in given]
     names = [p.resolve().name for p in paths]
     if len(set(names)) < len(names):
         names = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
@@ -155,7 +155,7 @@ def _not_a_run(path: Path) -> str:
 
 
 def load_inputs(dirs: list[str], labels: list[str] | None = None) -> tuple[list[EvalRun], list[TrainRun]]:
-    paths = [Path(d) for d in dirs]
+    paths = [Path(identifiers.check_path(d, "msd report")) for d in dirs]  # as writers checked them
     evals, trains = [], []
     for path, label in zip(paths, _labels(paths, labels)):
         if not path.is_dir():

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from msd.errors import MsdError
-from msd.io import atomic_replace_dir, atomic_write_json, atomic_write_text
+from msd.io import atomic_replace_dir, atomic_write_json, atomic_write_text, fresh_temp_dir
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -208,6 +208,17 @@ def check_config(ckpt: Path, keys: dict) -> None:
                        "start over with --no-resume", str(ckpt))
 
 
+def check_resume_step(ckpt: Path, step: int, total: int) -> bool:
+    """Whether a run resumed from `ckpt` (at `step`) is already finished. A checkpoint beyond
+    the run's last step is refused: its weights would be saved again under a smaller step.
+    Fixed bug: lowering train.max_steps from 6 to 3 wrote a step_3 checkpoint of step-6 weights."""
+    if step > total:
+        raise MsdError(f"this checkpoint is at step {step}, past the run's last step {total} "
+                       "(was train.max_steps lowered?); raise train.max_steps to at least "
+                       f"{step}, use a new train.output_dir, or start over with --no-resume", str(ckpt))
+    return step == total
+
+
 def run_state(keys: dict, step: int, grad_accum: int, cache_entries: int | None) -> dict:
     """What state.json records beside the step (data position, off-policy cache, config)."""
     return {"micro_batches_done": step * grad_accum, "offpolicy_cache_entries": cache_entries,
@@ -224,7 +235,12 @@ def save_final(model, tokenizer, out_dir: Path, config_yaml: str, accelerator,
     final = out_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        tmp = out_dir / ".final.tmp"
+        # A fresh temporary folder each time: a save killed midway left `.final.tmp` holding
+        # its files, and the next save wrote beside them (fixed bug: a full fine-tune shipped
+        # the adapter files of a killed LoRA save in its final/).
+        for stale in out_dir.glob(".final.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = fresh_temp_dir(out_dir, ".final.tmp.")
         try:
             unwrapped.save_pretrained(tmp, safe_serialization=True,
                                       state_dict=state_dict if state_dict is not None

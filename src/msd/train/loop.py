@@ -53,6 +53,9 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
 
     tc = cfg.train
     accelerator = make_accelerator(tc)
+    # Ranks agree or stop: before any other collective (model sharding, batches, steps).
+    sharding.same_everywhere({**resume_keys(cfg), "train": to_dict(cfg)["train"]},
+                             "the config (with its data and model files)", checkpoint.changes)
     out_dir = ensure_writable_dir(tc.output_dir)
     set_seed(tc.seed)
     if model is None:
@@ -123,12 +126,17 @@ def resume_from_checkpoint(cfg, run: Run, out_dir: Path, resume: bool | None) ->
     if resume and ckpt is None:
         raise MsdError("--resume given but the output folder holds no checkpoint", str(out_dir))
     if ckpt is None:
+        if run.accelerator.is_main_process:  # a run killed before its first checkpoint: its
+            logs.drop_logs_after(out_dir, 0)  # log lines are not this run's (as for a baseline)
         return 0
     # Fixed bug: the config was compared only after loading the weights, so a changed shape
     # (lora.r) failed with a tensor-size error instead of naming what changed.
     checkpoint.check_config(ckpt, resume_keys(cfg))
+    finished = checkpoint.check_resume_step(ckpt, checkpoint.read_state(ckpt)["step"], run.total_steps)
     step = dist_checkpoint.load_checkpoint(run, ckpt)["step"]
-    run.accelerator.print(f"msd: resuming from {ckpt} (step {step} of {run.total_steps})")
+    run.accelerator.print(f"msd: the run is finished (step {step} of {run.total_steps}); nothing to train, "
+                          "final/ is saved again" if finished else
+                          f"msd: resuming from {ckpt} (step {step} of {run.total_steps})")
     if run.accelerator.is_main_process:
         logs.drop_logs_after(out_dir, step)
     return step

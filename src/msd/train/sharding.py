@@ -197,3 +197,16 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def same_everywhere(value, what: str, difference) -> None:
+    """Every process holds the same `value`, or every process stops with one line naming
+    `difference(value of process 0, value of the first other)`. One gather at the start, where
+    every process arrives: a process that fails before it ends the launch (torchrun stops the
+    others), so the wait is bounded.
+    Fixed bug: with a different config on each rank, training hung until killed."""
+    values = gather_objects(value)
+    other = next((i for i, v in enumerate(values) if v != values[0]), None)
+    if other is not None:
+        raise MsdError(f"{what} differs between process 0 and process {other}"
+                       f"{difference(values[0], values[other])}; give every process the same one")

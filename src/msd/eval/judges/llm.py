@@ -87,6 +87,18 @@ def parse_reply(text: str) -> Verdict | None:
     return Verdict(label=label, refused=refused)
 
 
+def reply_text(content) -> str:
+    """The text of a chat-completions `content`: a string, or (the OpenAI form) a list of
+    content parts whose text parts are joined; anything else (a number, null, an object) is
+    read as its JSON text, which is no verdict. Fixed bug: a number or a list crashed."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p if isinstance(p, str) else p.get("text") if isinstance(p, dict)
+                       and isinstance(p.get("text"), str) else "" for p in content)
+    return "" if content is None else json.dumps(content)[:200]
+
+
 class _Retry(Exception):
     """A failure worth another try (5xx, timeout, connection refused, malformed reply)."""
 
@@ -116,7 +128,7 @@ class LLMJudge(Judge):
         self.public_url = self.endpoint.public_url  # never holds user:password@ or query values
         self.model = model
         self.version = f"{PROMPT_VERSION}:{model}"
-        self._key = os.environ.get(api_key_env) or None
+        self._key = http.checked_key(os.environ.get(api_key_env) or None, api_key_env)
         self.concurrency, self.max_retries = max(1, concurrency), max(1, max_retries)
         self.timeout, self.backoff, self.max_tokens = timeout, backoff, max_tokens
         self.cache_path = Path(cache_dir or cache_root()) / "llm_judge_cache.jsonl"
@@ -169,7 +181,7 @@ class LLMJudge(Judge):
             raise MsdError(f"judge endpoint refused the request (HTTP {status}); "
                            "check --judge-base-url, --judge-model and the API key", self.public_url)
         try:
-            return json.loads(payload)["choices"][0]["message"]["content"] or ""
+            return reply_text(json.loads(payload)["choices"][0]["message"]["content"])
         except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             if http.looks_like_html(ctype, payload):  # a web page, not the API: retrying won't help
                 raise MsdError("the endpoint answered with an HTML page, not the chat-completions "

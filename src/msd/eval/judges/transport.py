@@ -107,5 +107,22 @@ def _watch(done: threading.Event, stop: threading.Event, expired: threading.Even
         done.wait(min(0.2, max(0.0, end - time.monotonic())))
 
 
+KEY_CHARACTERS = {"\n": "a newline", "\r": "a carriage return", " ": "a space", "\t": "a tab"}
+
+
+def checked_key(key: str | None, env: str) -> str | None:
+    """An API key that an HTTP header can carry (visible ASCII), or one line naming the variable
+    and what is wrong, never the key. Fixed bug: a key with a newline crashed with a traceback
+    that printed the whole key; one with a non-Latin-1 character crashed too."""
+    if not key:
+        return None
+    bad = next((i for i, c in enumerate(key) if not "\x21" <= c <= "\x7e"), None)
+    if bad is not None:
+        what = KEY_CHARACTERS.get(key[bad], "a character other than printable ASCII")
+        raise MsdError(f"the API key holds {what} (character {bad + 1}), which an HTTP header cannot "
+                       "carry; set the variable again without it", f"${env}")
+    return key
+
+
 def looks_like_html(content_type: str, body: bytes) -> bool:
     return "html" in content_type.lower() or body.lstrip()[:1] == b"<"
