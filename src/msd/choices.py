@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Callable
 
-from msd import plugins
+from msd.registry import load_plugins
 
 
 def _divergences() -> list[str]:
@@ -67,15 +67,15 @@ class Choices(Mapping):
         self._sources[key] = source
 
     def __getitem__(self, key: str) -> list[str]:
-        plugins.load()
+        load_plugins()
         return list(self._sources[key]())
 
     def __iter__(self):
-        plugins.load()
+        load_plugins()
         return iter(list(self._sources))
 
     def __len__(self) -> int:
-        plugins.load()
+        load_plugins()
         return len(self._sources)
 
 
