@@ -102,7 +102,7 @@ def run_seeds(out: Path, seeds: list[int], names: list[str], overrides=(), eval_
                                                    "seconds": round(time.time() - t, 1)})
     from msd.demo.seedtable import write_seed_table
 
-    return write_seed_table(out)
+    return write_seed_table(out, list(variants()))
 
 
 def _done(vdir: Path, wanted: dict) -> bool:

@@ -65,8 +65,9 @@ def _outcome(column: str, r: dict):
     return None if r.get("response_lang") is None else r["response_lang"] == r["lang"]
 
 
-def load_runs(out: Path) -> dict[str, dict[int, dict]]:
-    """variant -> seed -> split -> records, for every finished (seed, variant) under `out`."""
+def load_runs(out: Path, order: list[str] | None = None) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> split -> records, for every finished (seed, variant) under `out`;
+    variants in `order` (default: on-policy MSD first), then the others by name."""
     from msd.eval import records as rec
 
     runs: dict[str, dict[int, dict]] = {}
@@ -75,7 +76,9 @@ def load_runs(out: Path) -> dict[str, dict[int, dict]]:
         vdir = done.parent
         runs.setdefault(info["variant"], {})[int(info["seed"])] = {
             split: rec.load_records(vdir / "eval" / split) for split in SPLITS}
-    return runs
+    rank = {name: i for i, name in enumerate(order or [BASE])}
+    return {name: dict(sorted(runs[name].items()))
+            for name in sorted(runs, key=lambda n: (rank.get(n, len(rank)), n))}
 
 
 def seed_values(by_split: dict) -> dict:
@@ -172,10 +175,11 @@ def seed_table(runs: dict[str, dict[int, dict]], base: str = BASE) -> dict:
 
 
 def _interval(m: dict | None) -> str:
-    """mean [t interval over seeds]; with one seed, its Wilson interval (marked W)."""
+    """mean [t interval over seeds]; with one seed, or seeds that all agree (a t interval of
+    width 0), the Wilson interval of the pooled records (marked W)."""
     if not m:
         return "–"
-    ci, tag = (m["ci95"], "") if m.get("ci95") else (m["pooled"]["ci95"], "W ")
+    ci, tag = (m["ci95"], "") if m.get("sd") else (m["pooled"]["ci95"], "W ")
     return f"{m['mean']:.2f} [{tag}{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
@@ -185,7 +189,8 @@ def _p(p: float) -> str:
 
 def markdown(table: dict) -> str:
     head = "| variant | seeds | " + " | ".join(t for _, t in COLUMNS) + " |"
-    lines = ["## Mean over seeds [t 95% interval over seeds; W: Wilson 95% interval of a single seed]",
+    lines = ["## Mean over seeds [t 95% interval over seeds; W: Wilson 95% interval of the records "
+             "pooled over seeds, where the seeds all agree or there is one]",
              "", head, "|---|---|" + "---|" * len(COLUMNS)]
     for name, e in table["variants"].items():
         lines.append(f"| {name} | {len(e['seeds'])} | "
@@ -234,10 +239,10 @@ def stats_section(path: Path, folders: dict[str, Path], base: str, seed: int) ->
     return "\n" + markdown(table).replace("## ", "### ") + "\n"
 
 
-def write_seed_table(out: Path) -> dict:
+def write_seed_table(out: Path, order: list[str] | None = None) -> dict:
     from msd.io import atomic_write_json, atomic_write_text
 
-    table = seed_table(load_runs(out))
+    table = seed_table(load_runs(out, order))
     atomic_write_json(out / "seeds.json", table)
     atomic_write_text(out / "seeds.md", "# The organism demo over seeds\n\n" + markdown(table) + "\n")
     return table
