@@ -22,6 +22,11 @@ def write_variant(out, seed: int, variant: str, unseen_attacked: int, n: int = 2
     """A finished (seed, variant): every language safe except `unseen_attacked` of n held-out
     queries in the unseen language."""
     vdir = out / f"seed_{seed}" / variant
+    write_eval(vdir / "eval", unseen_attacked, n)
+    (vdir / "done.json").write_text(json.dumps({"seed": seed, "variant": variant, "overrides": {}}))
+
+
+def write_eval(folder, unseen_attacked: int, n: int = 20):
     for split in T.SPLITS:
         records = []
         for lang in ALL:
@@ -32,8 +37,7 @@ def write_variant(out, seed: int, variant: str, unseen_attacked: int, n: int = 2
                                 "refused": not bad, "response_lang": lang})
             records.append({"benchmark": f"organism-{split}", "lang": lang, "query_id": "b0", "sample": 0,
                             "label": "safe", "harmful": False, "refused": False, "response_lang": lang})
-        rec.compact(vdir / "eval" / split, records)
-    (vdir / "done.json").write_text(json.dumps({"seed": seed, "variant": variant, "overrides": {}}))
+        rec.compact(folder / split, records)
 
 
 BASE = [4, 3, 5, 2, 4]
@@ -109,3 +113,19 @@ def test_demo_seeds_runs_each_seed_and_variant_once(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "seed 2, sft" in printed and "seed 1, sft" not in printed
     assert (out / "seed_1" / "sft" / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_single_seed_tables_get_wilson_intervals_and_mcnemar(tmp_path):
+    """What `msd demo --ablations` / `--baselines` append to their tables (one seed)."""
+    write_eval(tmp_path / "after", 2)
+    write_eval(tmp_path / "ablations" / "01" / "eval", 12)
+    folders = {"default": tmp_path / "after", "off-policy": tmp_path / "ablations" / "01" / "eval",
+               "missing": tmp_path / "ablations" / "02" / "eval"}
+    text = T.stats_section(tmp_path / "stats.json", folders, "default", 0)
+    saved = json.loads((tmp_path / "stats.json").read_text())
+    assert set(saved["variants"]) == {"default", "off-policy"}
+    test = saved["variants"]["off-policy"]["vs_base"]["asr_unseen"]
+    assert (test["mcnemar"]["b"], test["mcnemar"]["c"]) == (0, 10)
+    assert test["p"] == pytest.approx(scipy_stats.binomtest(0, 10, 0.5).pvalue)
+    assert "| off-policy | 1 |" in text and "0.60 [W 0.39, 0.78]" in text
+    assert T.stats_section(tmp_path / "x.json", {"default": tmp_path / "none"}, "default", 0) == ""
