@@ -86,7 +86,8 @@ def test_variants_cover_ablations_and_baselines_once():
     names = S.variants()
     assert set(METHODS) <= set(names) and len(names) == len(METHODS) + len(ABLATIONS) - 2
     assert S.ablation_names()[:3] == ["msd_on_policy", "msd_off_policy", "uniform_weights_no_dpsw"]
-    assert S.parse_variants("sft", False, False) == ["msd_on_policy", "sft"]
+    assert S.parse_variants("sft", False, False) == ["sft"]
+    assert S.parse_variants(None, False, True)[:3] == ["msd_on_policy", "msd_off_policy", "sft"]
     from msd.errors import MsdError
 
     with pytest.raises(MsdError, match="unknown variant 'nope'"):

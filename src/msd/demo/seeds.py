@@ -55,15 +55,17 @@ def ablation_names() -> list[str]:
 
 
 def parse_variants(text: str | None, ablations: bool, baselines: bool) -> list[str]:
-    """--variants a,b (names of `variants()`), or the tables' variants; on-policy MSD always first."""
+    """--variants a,b (names of `variants()`, as given: a folder's table compares them with
+    on-policy MSD when it holds its runs too), or on-policy MSD and the tables' variants."""
     known = variants()
     if text:
         names = [s.strip() for s in text.split(",") if s.strip()]
         bad = [n for n in names if n not in known]
-        if bad:
-            raise MsdError(f"unknown variant {bad[0]!r}; known: {', '.join(known)}", "--variants")
-    else:
-        names = (ablation_names() if ablations else []) + (list(METHODS) if baselines else [])
+        if bad or not names:
+            raise MsdError(f"unknown variant {bad[0] if bad else text!r}; known: {', '.join(known)}",
+                           "--variants")
+        return list(dict.fromkeys(names))
+    names = (ablation_names() if ablations else []) + (list(METHODS) if baselines else [])
     return list(dict.fromkeys([DEFAULT_VARIANT] + names))
 
 
