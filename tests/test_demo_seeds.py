@@ -130,3 +130,10 @@ def test_single_seed_tables_get_wilson_intervals_and_mcnemar(tmp_path):
     assert test["p"] == pytest.approx(scipy_stats.binomtest(0, 10, 0.5).pvalue)
     assert "| off-policy | 1 |" in text and "0.60 [W 0.39, 0.78]" in text
     assert T.stats_section(tmp_path / "x.json", {"default": tmp_path / "none"}, "default", 0) == ""
+
+
+def test_seed_intervals_stay_within_rates(tmp_path):
+    write_variant(tmp_path, 0, "msd_on_policy", 0)
+    write_variant(tmp_path, 1, "msd_on_policy", 6)  # mean 0.15, t interval with 1 df: far below 0
+    m = T.write_seed_table(tmp_path)["variants"]["msd_on_policy"]["mean"]["asr_unseen"]
+    assert m["ci95"][0] == 0.0 and 0.15 < m["ci95"][1] <= 1.0

@@ -6,7 +6,7 @@ MSD-train intents and on held-out intents in the trained languages, ASR on held-
 the unseen language and in English, benign refusal and fidelity over all languages and splits.
 
 Per variant and column: the value of each seed, the mean over seeds with a Student t 95%
-interval and a percentile bootstrap 95% interval (msd.eval.stats).
+interval (cut to [0, 1]) and a percentile bootstrap 95% interval (msd.eval.stats).
 Against on-policy MSD, on the seeds both have: the mean difference (variant - on-policy) with
 the t interval of the per-seed differences, the two-sided paired t test over seeds (seeds paired
 by seed number: the test that counts training noise), and Holm's correction over the variants of
@@ -118,6 +118,8 @@ def pooled(by_seed: dict[int, dict], column: str) -> dict:
 
 def _summary(values: list[float]) -> dict:
     out = {"values": values, **stats.t_interval(values)}
+    if out["ci95"]:  # every column is a rate: a t interval past 0 or 1 is cut there
+        out["ci95"] = [max(0.0, out["ci95"][0]), min(1.0, out["ci95"][1])]
     out["ci95_bootstrap"] = stats.bootstrap_mean_interval(values)["ci95"]
     return out
 
