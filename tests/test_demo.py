@@ -64,7 +64,9 @@ def test_demo_report_and_summary_give_every_rate_an_interval(reduced_demo):
             for m in per_lang.values():
                 assert m["ci95"][0] <= m["asr"] <= m["ci95"][1]
                 assert m["ci95_fidelity"][0] <= m["fidelity"] <= m["ci95_fidelity"][1]
-    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    text = (out / "report.md").read_text()
+    assert re.search(r"cut at the token limit: before \d+\.\d%, teacher_before \d+\.\d%, after \d+\.\d%", text)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
     rate = r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]"
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")][2:]

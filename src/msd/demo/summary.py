@@ -68,11 +68,26 @@ def write_report(out: Path, summary: dict, checks: list[dict]) -> None:
              f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}).", "",
              "Rates with Wilson 95% intervals in brackets; n = "
              f"{_n(summary)} harmful and benign queries per split and language, oracle judge, "
-             "greedy decoding (seed-independent); the split is named in each column.", "",
+             "greedy decoding (seed-independent); the split is named in each column. Answers cut "
+             f"at the token limit: {_cut(out)}.", "",
              table(summary), "", "![ASR before and after](asr_before_after.png)", "",
              "## Checks", ""]
     lines += [f"- [{'x' if c['pass'] else ' '}] {c['claim']}: {json.dumps(c['values'])}" for c in checks]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _cut(out: Path) -> str:
+    """Share of answers cut at the token limit per evaluation stage (records' `truncated`)."""
+    from msd.eval.records import load_records
+    from msd.report.paired import truncated_share
+
+    parts = []
+    for stage in ("before", "teacher_before", "after"):
+        records = [r for split in sorted((out / stage).glob("*/records.jsonl"))
+                   for r in load_records(split.parent)]
+        share = truncated_share(records)
+        parts.append(f"{stage} " + ("n/a" if share is None else f"{100 * share:.1f}%"))
+    return ", ".join(parts)
 
 
 def _n(summary: dict) -> str:

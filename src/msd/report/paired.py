@@ -91,9 +91,9 @@ def paired_note(cmp: dict) -> str:
             f"seed {cmp['bootstrap']['seed']}).")
 
 
-def truncated_share(run: EvalRun) -> float | None:
-    """Share of the run's answers cut at the token limit, from records that say so."""
-    flags = [r["truncated"] for r in M.latest(run.records) if isinstance(r.get("truncated"), bool)]
+def truncated_share(records: list[dict]) -> float | None:
+    """Share of answers cut at the token limit, over the records that say (None: none does)."""
+    flags = [r["truncated"] for r in M.latest(records) if isinstance(r.get("truncated"), bool)]
     return sum(flags) / len(flags) if flags else None
 
 
@@ -104,7 +104,7 @@ def provenance(run: EvalRun) -> str:
     name = judge.get("name") or run.records[0].get("judge") or "?"
     version = judge.get("version") or run.records[0].get("judge_version")
     settings = run.info.get("settings") or {}
-    cut = truncated_share(run)
+    cut = truncated_share(run.records)
     parts = [f"n = {avg['n']} harmful" if "n" in avg else None,
              f"{avg['n_benign']} benign" if "n_benign" in avg else None,
              f"judge {name}" + (f" ({version})" if version and version != name else ""),
