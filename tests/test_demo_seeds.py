@@ -137,3 +137,14 @@ def test_seed_intervals_stay_within_rates(tmp_path):
     write_variant(tmp_path, 1, "msd_on_policy", 6)  # mean 0.15, t interval with 1 df: far below 0
     m = T.write_seed_table(tmp_path)["variants"]["msd_on_policy"]["mean"]["asr_unseen"]
     assert m["ci95"][0] == 0.0 and 0.15 < m["ci95"][1] <= 1.0
+
+
+@pytest.mark.parametrize("argv,expected", [(["--seeds", "0"], "--seeds must be at least 1"),
+                                           (["--variants", "sft"], "--variants needs --seeds"),
+                                           (["--seeds", "2", "--variants", "sft,x"], "unknown variant 'x'")])
+def test_demo_seeds_bad_input_is_one_line(tmp_path, capsys, argv, expected):
+    from msd.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "o")] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msd: error:") and expected in err[0]
