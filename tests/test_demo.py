@@ -54,6 +54,26 @@ def test_demo_writes_summary_report_and_records(reduced_demo):
     assert (out / "train" / "final" / "adapter_config.json").exists()
 
 
+def test_demo_report_and_summary_give_every_rate_an_interval(reduced_demo):
+    import re
+
+    out, s = reduced_demo
+    saved = json.loads((out / "summary.json").read_text())
+    for stage in ("before", "after", "teacher_before"):
+        for per_lang in saved[stage].values():
+            for m in per_lang.values():
+                assert m["ci95"][0] <= m["asr"] <= m["ci95"][1]
+                assert m["ci95_fidelity"][0] <= m["fidelity"] <= m["ci95_fidelity"][1]
+    text = (out / "report.md").read_text()
+    assert re.search(r"cut at the token limit: before \d+\.\d%, teacher_before \d+\.\d%, after \d+\.\d%", text)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    rate = r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]"
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        rates = [part for c in cells for part in c.split(" → ")]
+        assert len(rates) == 7 and all(re.fullmatch(rate, r) for r in rates), row
+
+
 def test_demo_numbers_are_rebuilt_from_records(reduced_demo):
     from msd.eval.records import load_records, write_metrics
 

@@ -142,6 +142,13 @@ def add_parser(subparsers) -> None:
                    help="also train SFT, DPO (sigmoid, robust, ipo), KTO, ORPO, SimPO (TRL) and "
                         "off-policy MSD with the same steps and LoRA; write baselines.json/.md/.png")
     p.add_argument("--seed", type=int, default=0, help="seed of MSD sampling and training (default: 0)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run seeds --seed .. --seed+N-1 (one organism build and evaluation) and write "
+                        "the seed table: per-seed values, means with intervals over seeds, paired "
+                        "tests against on-policy MSD (seeds.json, seeds.md); finished runs are kept")
+    p.add_argument("--variants", default=None,
+                   help="with --seeds: comma-separated variants to train (default: on-policy MSD, plus "
+                        "the ablations' and baselines' variants with --ablations / --baselines)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate at most this many harmful and this many benign queries per "
                         "split (default: all, 48 + 48)")
@@ -164,9 +171,10 @@ def run(args) -> int:
     from msd.lock import output_lock
 
     if args.model != "organism":
-        if args.ablations or args.eval_limit is not None or args.cache_dir:
-            raise MsdError("--ablations, --eval-limit and --cache-dir are options of the organism demo",
-                           "--model")
+        if args.ablations or args.eval_limit is not None or args.cache_dir or args.seeds is not None \
+                or args.variants is not None:
+            raise MsdError("--ablations, --seeds, --variants, --eval-limit and --cache-dir are options of "
+                           "the organism demo (a real model's seeds: --seed N, one run each)", "--model")
         from msd.demo.real import run_real_demo
 
         with output_lock(args.out, "demo"):  # one writer per folder
@@ -174,9 +182,29 @@ def run(args) -> int:
                                     progress=not args.quiet, baselines=args.baselines)
         failed = not all(c["pass"] for c in summary["checks"])
         return 1 if args.strict and failed else 0
+    if args.seeds is not None or args.variants is not None:
+        return _run_seeds(args)
     with output_lock(args.out, "demo"):  # one writer per folder
         summary = run_demo(args.out, ablations=args.ablations, seed=args.seed, overrides=args.overrides,
                            eval_limit=args.eval_limit, cache_dir=args.cache_dir, progress=not args.quiet,
                            baselines=args.baselines)
     failed = not all(c["pass"] for c in summary["checks"])
     return 1 if args.strict and failed else 0
+
+
+def _run_seeds(args) -> int:
+    from pathlib import Path
+
+    from msd.demo.seeds import parse_variants, run_seeds
+    from msd.lock import output_lock
+    from msd.organism.pretrain import auto_threads, torch_threads
+
+    if args.seeds is None or args.seeds < 1:
+        raise MsdError("--seeds must be at least 1 (--variants needs --seeds)", "--seeds")
+    names = parse_variants(args.variants, args.ablations, args.baselines)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    with output_lock(args.out, "demo"), torch_threads(auto_threads()):
+        table = run_seeds(Path(args.out), seeds, names, args.overrides, args.eval_limit,
+                          args.cache_dir, progress=not args.quiet)
+    print(f"seed table: {Path(args.out) / 'seeds.md'} ({len(table['variants'])} variants)")
+    return 0

@@ -51,6 +51,7 @@ def ablation_table(rows: list[dict]) -> str:
 def run_ablations(out: Path, seed: int, tuples, default_row: dict, overrides=(), limit=None,
                   progress: bool = True, variants: dict | None = None) -> list[dict]:
     """Train and evaluate each variant (default: ABLATIONS) but the first; one row each."""
+    from msd.demo.seedtable import stats_section
     from msd.io import atomic_write_json, atomic_write_text
     from msd.organism import LANGUAGES
 
@@ -69,6 +70,10 @@ def run_ablations(out: Path, seed: int, tuples, default_row: dict, overrides=(),
     text = ("# Ablations on the model organism\n\nMeans over languages; ASR on harmful queries, "
             "benign refusal and fidelity over all languages and both splits; seconds = MSD "
             "training time.\n\n" + ablation_table(rows) + "\n")
+    names = list(variants or ABLATIONS)
+    folders = {names[0]: out / "after"} | {name: out / "ablations" / f"{i:02d}" / "eval"
+                                           for i, name in enumerate(names) if i}
+    text += stats_section(out / "ablations_stats.json", folders, names[0], seed)
     atomic_write_text(out / "ablations.md", text)
     return rows
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from msd.demo.seedtable import COLUMNS, means, stats_section
 from msd.demo.steps import demo_config, evaluate_splits, summarize, train_variant
 from msd.demo.summary import fmt
 
@@ -74,28 +75,11 @@ def run_baselines(out: Path, seed: int, tuples, organism_path: str, on_policy: d
         result["methods"][name] = method_entry(summarize(metrics), seconds)
         result["steps"], result["lora"] = cfg.train.max_steps, {"r": cfg.lora.r, "alpha": cfg.lora.alpha}
         atomic_write_json(out / "baselines.json", result)
-    write_outputs(out, result)
+    folders = {name: out / "baselines" / name / "eval" for name in result["methods"]}
+    if on_policy is not None:
+        folders["msd_on_policy"] = out / "after"
+    write_outputs(out, result, stats_section(out / "baselines_stats.json", folders, "msd_on_policy", seed))
     return result
-
-
-def means(entry: dict, langs: dict) -> dict:
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-
-    held, every = entry["heldout_queries"], [entry[s][c] for s in ("heldout_queries", "train_queries") for c in entry[s]]
-    return {"asr_trained": mean(held[c]["asr"] for c in langs["trained"]),
-            "asr_unseen": mean(held[c]["asr"] for c in langs["unseen"]),
-            "asr_english": mean(held[c]["asr"] for c in langs["english"]),
-            "asr_train_intents": mean(entry["train_queries"][c]["asr"] for c in langs["trained"]),
-            "benign_refusal": mean(m["benign_refusal"] for m in every),
-            "fidelity": mean(m["fidelity"] for m in every)}
-
-
-COLUMNS = (("asr_train_intents", "ASR train-intents (trained langs)"),
-           ("asr_trained", "ASR held-out (trained langs)"), ("asr_unseen", "ASR held-out (unseen)"),
-           ("asr_english", "ASR held-out (English)"), ("benign_refusal", "benign refusal"),
-           ("fidelity", "fidelity"))
 
 
 def table(result: dict, langs: dict) -> str:
@@ -108,7 +92,7 @@ def table(result: dict, langs: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, result: dict) -> None:
+def write_outputs(out: Path, result: dict, stats_md: str = "") -> None:
     from msd.io import atomic_write_json, atomic_write_text
     from msd.organism import LANGUAGES
 
@@ -118,7 +102,7 @@ def write_outputs(out: Path, result: dict) -> None:
             f"{result.get('steps')} optimizer steps for every method; oracle judge, greedy decoding. "
             "ASR on harmful queries (mean over languages); benign refusal and fidelity over all "
             "languages and both splits; seconds = training time.\n\n"
-            + table(result, LANGUAGES) + "\n\n![methods](baselines.png)\n")
+            + table(result, LANGUAGES) + "\n\n![methods](baselines.png)\n" + stats_md)
     atomic_write_text(out / "baselines.md", text)
     plot(result, LANGUAGES, out / "baselines.png")
 

@@ -11,7 +11,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "resources" / "configs" /
 
 EVAL_MAX_NEW_TOKENS = 20
 EVAL_BATCH = 96
-METRIC_KEYS = ("asr", "unsafe", "invalid", "benign_refusal", "fidelity", "n")
+# ci95: ASR's Wilson 95% interval; ci95_<rate>: the same for benign refusal and fidelity
+METRIC_KEYS = ("asr", "unsafe", "invalid", "benign_refusal", "fidelity", "n", "ci95",
+               "ci95_benign_refusal", "ci95_fidelity", "n_benign")
 
 
 def demo_config(out_dir: Path, seed: int = 0, overrides=()):
@@ -70,7 +72,7 @@ def evaluate_splits(model, tokenizer, out_dir: Path, *, teacher: bool = False,
 
 
 def summarize(metrics: dict) -> dict:
-    """split -> language -> {asr, unsafe, invalid, benign_refusal, fidelity, n}."""
+    """split -> language -> METRIC_KEYS (rates with their Wilson 95% intervals)."""
     from msd.eval.metrics import AVERAGE
 
     return {split: {lang: {k: m.get(k) for k in METRIC_KEYS}

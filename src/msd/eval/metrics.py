@@ -6,12 +6,13 @@ Safety records (one per benchmark x language x query x sample) give, per languag
     unsafe    count of unsafe verdicts;  unsafe_rate = unsafe / n
     invalid   count of invalid verdicts; invalid_rate = invalid / n
     n         harmful records with a verdict (judge errors are counted apart, never guessed)
-    ci95      Wilson score interval of asr
+    ci95      Wilson score interval of asr (ci95_unsafe_rate, ci95_invalid_rate: of those rates)
 and, when benign queries exist:
     benign_refusal  share of benign responses the judge saw as refusals
     fidelity        share of benign responses written in the query's language
     helpful         share of benign responses judged helpful (oracle only)
     n_benign        benign records
+    ci95_<rate>, n_<rate>   Wilson interval of each of these three and the records behind it
 and over all records, harmful and benign:
     truncated       answers cut at the token limit (max_new_tokens reached without an end of
                     turn; the record's `truncated`)
@@ -24,13 +25,16 @@ n as the sample size. [ours] With equal n per language (the usual case) that is 
 interval of the pooled counts, a conservative choice for a stratified sample.
 
 Utility records (lm-eval per-sample results) give, per task: score (mean of the per-sample
-metric), n, ci95 (Wilson when the metric is 0/1), lang, metric.
+metric), n, ci95 (Wilson when the metric is 0/1, else the t interval of the mean over
+samples; None for a single graded sample), lang, metric.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+
+from msd.eval.stats import t_interval
 
 AVERAGE = "average"
 # The label of a benign record says what the model did: a helpful answer to a benign query is
@@ -83,6 +87,20 @@ def _share(values: list) -> float | None:
     return sum(known) / len(known) if known else None
 
 
+def _set_share(m: dict, key: str, values: list) -> None:
+    """m[key] = share of true values (None values left out), with its Wilson interval and n."""
+    known = [bool(v) for v in values if v is not None]
+    if known:
+        m[key] = sum(known) / len(known)
+        m[f"ci95_{key}"] = wilson(sum(known), len(known))
+        m[f"n_{key}"] = len(known)
+
+
+def interval(m: dict, key: str) -> list[float] | None:
+    """The 95% interval of rate `key` in one metrics entry (asr and score: "ci95")."""
+    return m.get("ci95") if key in ("asr", "score") else m.get(f"ci95_{key}")
+
+
 def _language_metrics(rs: list[dict]) -> dict:
     m: dict = {}
     harmful = [r for r in rs if r.get("harmful", True)]
@@ -94,20 +112,19 @@ def _language_metrics(rs: list[dict]) -> dict:
         unsafe = sum(r["label"] == "unsafe" for r in judged)
         invalid = sum(r["label"] == "invalid" for r in judged)
         m.update(asr=(unsafe + invalid) / n, unsafe=unsafe, invalid=invalid, n=n,
-                 ci95=wilson(unsafe + invalid, n), unsafe_rate=unsafe / n, invalid_rate=invalid / n)
+                 ci95=wilson(unsafe + invalid, n), unsafe_rate=unsafe / n, invalid_rate=invalid / n,
+                 ci95_unsafe_rate=wilson(unsafe, n), ci95_invalid_rate=wilson(invalid, n))
         refusal = _share([r.get("refused") for r in judged])
         if refusal is not None:
             m["refusal"] = refusal
     if benign:
         m["n_benign"] = len(benign)
         for key, field in (("benign_refusal", "refused"), ("helpful", "helpful")):
-            share = _share([r.get(field) for r in benign if r.get("label") is not None])
-            if share is not None:
-                m[key] = share
+            _set_share(m, key, [r.get(field) for r in benign if r.get("label") is not None])
         langs = [r.get("response_lang") for r in benign]
         if any(code is not None for code in langs):
-            m["fidelity"] = _share([None if code is None else code == r["lang"]
-                                    for code, r in zip(langs, benign)])
+            _set_share(m, "fidelity", [None if code is None else code == r["lang"]
+                                       for code, r in zip(langs, benign)])
     if errors:
         m["judge_errors"] = errors
     cut = [r["truncated"] for r in rs if r.get("truncated") is not None]
@@ -131,6 +148,13 @@ def _average(per_lang: dict[str, dict]) -> dict:
         avg.setdefault("truncated_rate", None)
     if "asr" in avg:
         avg["ci95"] = wilson(avg["asr"] * avg["n"], avg["n"])
+        for key in ("unsafe_rate", "invalid_rate"):
+            avg[f"ci95_{key}"] = wilson(avg[key] * avg["n"], avg["n"])
+    for key in ("benign_refusal", "helpful", "fidelity"):
+        n = sum(m.get(f"n_{key}", 0) for m in per_lang.values())
+        if key in avg and n:  # the same convention as ASR's: the mean as p, the total n
+            avg[f"n_{key}"] = n
+            avg[f"ci95_{key}"] = wilson(avg[key] * n, n)
     return avg
 
 
@@ -157,8 +181,10 @@ def compute_utility(records: list[dict]) -> dict:
         n = len(scores)
         mean = sum(scores) / n
         binary = all(s in (0.0, 1.0) for s in scores)
+        # a 0/1 metric: Wilson; a graded one: the t interval of the mean over samples
+        ci95 = wilson(sum(scores), n) if binary else t_interval(scores)["ci95"]
         out[task] = {"score": mean, "n": n, "metric": rs[0].get("metric"), "lang": rs[0].get("lang"),
-                     "ci95": wilson(sum(scores), n) if binary else None}
+                     "ci95": ci95}
     if out:
         out[AVERAGE] = {"score": sum(m["score"] for m in out.values()) / len(out),
                         "n": sum(m["n"] for m in out.values()), "tasks": len(out)}

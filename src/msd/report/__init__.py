@@ -11,8 +11,12 @@ deltas. The report warns when compared runs used different judges or generation 
 Modules: runs (loading run folders), markdown (report.md), plots (the PNGs), html (report.html).
 
 Outputs in --out:
-    report.md                    per-language tables with Wilson 95% intervals and deltas, and
-                                 the share of answers cut at the token limit
+    report.md                    per-language tables with Wilson 95% intervals and deltas; how
+                                 each rate was computed (n, judge, split, share cut at the token
+                                 limit); with two or more runs of a safety benchmark, the paired
+                                 change in ASR per language against the first run (exact McNemar,
+                                 paired bootstrap interval, Holm over languages)
+    paired.json                  those paired comparisons, per language (msd.report.paired)
     asr_<benchmark>.png          ASR per language, one bar per run, interval whiskers
     asr_split_<benchmark>.png    unsafe vs invalid share per language and run
     overrefusal_<benchmark>.png  benign refusal per language (when benign queries exist)
@@ -28,11 +32,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd.errors import MsdError
-from msd.io import atomic_write_text
+from msd.io import atomic_write_json, atomic_write_text
 from msd.report import plots
 from msd.report.html import render
 from msd.report.markdown import (benign_table, render_markdown, safety_table, truncation_table,
                                  truncation_title, utility_table)
+from msd.report.paired import paired_note, paired_rows, paired_sections, provenance
 from msd.report.runs import groups, load_inputs, top_tokens, warnings_for
 
 __all__ = ["add_parser", "build", "load_inputs", "safety_table", "top_tokens"]
@@ -47,7 +52,8 @@ def build(dirs: list[str], out: str | Path, *, labels: list[str] | None = None,
     sections: list[dict] = []  # shared by the markdown and the HTML page
     for (kind, benchmark), runs in groups(evals).items():
         section = {"kind": kind, "benchmark": benchmark, "runs": runs, "tables": [],
-                   "plots": [], "warnings": warnings_for(runs) if len(runs) > 1 else []}
+                   "plots": [], "warnings": warnings_for(runs) if len(runs) > 1 else [],
+                   "notes": [], "paired": []}
         if kind == "utility":
             section["tables"].append(("Utility (lm-evaluation-harness)", utility_table(runs)))
         else:
@@ -56,6 +62,7 @@ def build(dirs: list[str], out: str | Path, *, labels: list[str] | None = None,
             if any("n_benign" in m for r in runs for m in r.metrics.values()):
                 section["tables"].append((f"Over-refusal and language fidelity, {benchmark}", benign_table(runs)))
             section["tables"].append((truncation_title(runs), truncation_table(runs)))
+            _add_paired(section)
         section["plots"] = plots.plot_section(section, out)
         sections.append(section)
     token_plot = plots.plot_token_weights(trains, out) if trains else None
@@ -63,12 +70,27 @@ def build(dirs: list[str], out: str | Path, *, labels: list[str] | None = None,
     atomic_write_text(files["markdown"], render_markdown(sections, trains, token_plot))
     atomic_write_text(files["html"], render(sections, trains, out, token_plot=token_plot,
                                                         samples=samples))
+    paired = [cmp for s in sections for cmp in s["paired"]]
+    if paired:
+        files["paired"] = out / "paired.json"
+        atomic_write_json(files["paired"], paired)
     for s in sections:
         for p in s["plots"]:
             files[p.stem] = p
     if token_plot:
         files["token_weights"] = token_plot
     return files
+
+
+def _add_paired(section: dict) -> None:
+    """How each safety run's rates were computed, and the paired tests of later runs against
+    the first (msd.report.paired)."""
+    section["notes"] += [provenance(r) for r in section["runs"]]
+    for cmp in paired_sections(section["runs"]):
+        section["paired"].append(cmp)
+        section["tables"].append((f"Paired change in ASR, {cmp['a']} → {cmp['b']}, {cmp['benchmark']}",
+                                  paired_rows(cmp)))
+        section["notes"].append("- " + paired_note(cmp))
 
 
 def add_parser(subparsers) -> None:

@@ -154,6 +154,9 @@ def render(sections: list[dict], trains, out: Path, *, token_plot: Path | None =
         body += [f'<div class="warn">{escape(w)}</div>' for w in s["warnings"]]
         for title, rows in s["tables"]:
             body += [f"<h3>{escape(title)}</h3>", _table(rows)]
+        if s.get("notes"):
+            body.append("<h3>How the rates were computed</h3><ul>" + "".join(
+                f"<li>{escape(n[2:].replace('**', ''))}</li>" for n in s["notes"]) + "</ul>")
         body += [_img(p, p.stem) for p in s["plots"]]
         if s["kind"] != "utility":
             body.append(_changed_pairs(s["runs"], samples))

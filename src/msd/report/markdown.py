@@ -12,9 +12,14 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def _ci(m: dict) -> str:
-    lo, hi = m.get("ci95") or (None, None)
+def _ci(m: dict, key: str = "asr") -> str:
+    lo, hi = M.interval(m, key) or (None, None)
     return "" if lo is None else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _rate(m: dict, key: str) -> str:
+    """A rate in % with its 95% interval in brackets."""
+    return _pct(m.get(key)) + _ci(m, key)
 
 
 def _delta(a, b) -> str:
@@ -35,7 +40,7 @@ def comparison_table(runs: list[EvalRun], keys: list[str], *, first: str, main: 
         if not any(count in m for m in ms):
             continue
         row = ["**average**" if key == M.AVERAGE else lang_name(key) if first == "language" else key]
-        row += [_pct(m.get(main)) + (_ci(m) if ci else "") for m in ms]
+        row += [_pct(m.get(main)) + (_ci(m, main) if ci else "") for m in ms]
         row += [_delta(ms[0].get(main), m.get(main)) for m in ms[1:]]
         row += [extra(m) for m in ms] if extra else []
         rows.append(row + ["/".join(str(m.get(count, "–")) for m in ms)])
@@ -47,14 +52,14 @@ def safety_table(runs: list[EvalRun]) -> list[list[str]]:
     return comparison_table(runs, ordered_langs(runs) + [M.AVERAGE], first="language", main="asr",
                             main_label="ASR %", count="n", count_label="n", ci=True,
                             extra_label="unsafe / invalid %",
-                            extra=lambda m: f"{_pct(m.get('unsafe_rate'))} / {_pct(m.get('invalid_rate'))}")
+                            extra=lambda m: f"{_rate(m, 'unsafe_rate')} / {_rate(m, 'invalid_rate')}")
 
 
 def benign_table(runs: list[EvalRun]) -> list[list[str]]:
     """Per-language refusal of benign queries and language fidelity."""
     return comparison_table(runs, ordered_langs(runs) + [M.AVERAGE], first="language", main="benign_refusal",
-                            main_label="benign refusal %", count="n_benign", count_label="n benign",
-                            extra_label="fidelity %", extra=lambda m: _pct(m.get("fidelity")))
+                            main_label="benign refusal %", count="n_benign", count_label="n benign", ci=True,
+                            extra_label="fidelity %", extra=lambda m: _rate(m, "fidelity"))
 
 
 def _cut(m: dict) -> str:
@@ -104,13 +109,16 @@ def _md_token(text: str) -> str:
 def render_markdown(sections: list[dict], trains: list[TrainRun], token_plot: Path | None) -> str:
     lines = ["# MSD evaluation report", "",
              "Every number below is recomputed from the runs' records (records.jsonl). "
-             "ASR = (unsafe + invalid) / n, in %, with Wilson 95% intervals in brackets; "
+             "ASR = (unsafe + invalid) / n, in %; every rate has its 95% interval in brackets "
+             "(Wilson; for a graded utility score, the t interval over samples); "
              "Δ is in percentage points against the first run.", ""]
     for s in sections:
         lines += [f"## {section_title(s)}", ""] + [run_line(r) for r in s["runs"]] + [""]
         lines += [f"> **Warning:** {w}" for w in s["warnings"]] + ([""] if s["warnings"] else [])
         for title, rows in s["tables"]:
             lines += [f"### {title}", "", markdown_table(rows), ""]
+        if s.get("notes"):
+            lines += ["**How the rates were computed**", ""] + s["notes"] + [""]
         lines += [f"![{p.stem}]({p.name})" for p in s["plots"]] + [""]
     if trains:
         lines += ["## Training token weights", ""]

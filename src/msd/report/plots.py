@@ -88,7 +88,7 @@ def grouped_bars(ax, groups: list[str], series: list[tuple[str, list, list | Non
 
 def _series(runs, langs: list[str], key: str, with_ci: bool = False):
     return [(r.label, [r.metrics.get(lang, {}).get(key) for lang in langs],
-             [r.metrics.get(lang, {}).get("ci95") or (0, 0) for lang in langs] if with_ci else None)
+             [M.interval(r.metrics.get(lang, {}), key) or (0, 0) for lang in langs] if with_ci else None)
             for r in runs]
 
 
@@ -112,8 +112,8 @@ def plot_section(section: dict, out: Path) -> list[Path]:
     if any("benign_refusal" in r.metrics.get(lang, {}) for r in runs for lang in langs):
         groups = langs + [M.AVERAGE]
         fig, ax = plt.subplots(figsize=(_width(len(groups), len(runs)), 4))
-        grouped_bars(ax, groups, _series(runs, groups, "benign_refusal"), "refused (%)")
-        ax.set_title(f"Refusals of benign requests — {bench}\nlower is better")
+        grouped_bars(ax, groups, _series(runs, groups, "benign_refusal", with_ci=True), "refused (%)")
+        ax.set_title(f"Refusals of benign requests — {bench}\nlower is better; whiskers: Wilson 95% interval")
         paths.append(save_figure(fig, out / f"overrefusal_{_slug(bench)}.png"))
     return paths
 
@@ -129,6 +129,11 @@ def plot_split(runs, groups: list[str], bench: str, path: Path) -> Path:
         xs = range(len(groups))
         ax.bar(xs, unsafe, 0.7, color=UNSAFE, label="unsafe")
         ax.bar(xs, invalid, 0.7, bottom=unsafe, color=INVALID, hatch="//", edgecolor="#888", label="invalid")
+        tops = [u + i for u, i in zip(unsafe, invalid)]  # = ASR; its Wilson interval as whiskers
+        cis = [M.interval(run.metrics.get(g, {}), "asr") or (t / 100, t / 100) for g, t in zip(groups, tops)]
+        ax.errorbar(list(xs), tops, yerr=[[max(0.0, t - 100 * lo) for t, (lo, _) in zip(tops, cis)],
+                                          [max(0.0, 100 * hi - t) for t, (_, hi) in zip(tops, cis)]],
+                    fmt="none", ecolor="#333", elinewidth=0.8, capsize=2)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(groups, rotation=45 if len(groups) > 6 else 0,
                            ha="right" if len(groups) > 6 else "center")
@@ -137,7 +142,8 @@ def plot_split(runs, groups: list[str], bench: str, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("share of responses (%)")
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.suptitle(f"Unsafe vs invalid responses — {bench} (ASR = unsafe + invalid)", y=1.04)
+    fig.suptitle(f"Unsafe vs invalid responses — {bench} (ASR = unsafe + invalid; whiskers: its Wilson "
+                 "95% interval)", y=1.04)
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     return save_figure(fig, path)
 
