@@ -21,7 +21,7 @@ def test_a_gguf_file_is_known_by_its_magic_not_its_name(tmp_path):
     assert is_gguf(fake_gguf(tmp_path / "renamed.bin"))
     (tmp_path / "text.gguf").write_text("not a model")
     assert not is_gguf(tmp_path / "text.gguf")
-    with pytest.raises(MsdError, match="not a GGUF file"):
+    with pytest.raises(MsdError, match="model path is a file; expected a Hugging Face model folder or a GGUF file"):
         gguf_in(tmp_path / "text.gguf", None)
 
 

@@ -50,8 +50,8 @@ def gguf_in(path: Path, gguf_file: str | None) -> Path | None:
         path = target
     if path.is_file():
         if not is_gguf(path):
-            raise MsdError("model path is a file but not a GGUF file; expected a Hugging Face model "
-                           "folder or a .gguf file", str(path))
+            raise MsdError("model path is a file; expected a Hugging Face model folder or a GGUF file "
+                           "(this file does not start with GGUF's magic bytes)", str(path))
         return path
     if path.is_dir() and not (path / "config.json").exists():
         found = sorted(p.name for p in path.glob("*.gguf"))
