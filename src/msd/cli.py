@@ -55,12 +55,13 @@ def run_train(args) -> int:
         print(config.describe())
         return 0
     cfg = config.load_config(args.config, args.overrides)
-    from msd.lock import output_lock
     from msd.train import train
 
-    with output_lock(cfg.train.output_dir):
-        result = train(cfg, progress=not args.quiet, resume=args.resume)
-    print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
+    # train() takes the output folder's lock itself, in the process its accelerator makes the
+    # writer (msd.train.launch), once the launch is known to be what it claims.
+    result = train(cfg, progress=not args.quiet, resume=args.resume)
+    if result.main_process:  # once per launch, not once per process
+        print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
     return 0
 
 

@@ -28,10 +28,13 @@ def is_main_rank() -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike):
+def output_lock(folder: str | os.PathLike, writer: bool | None = None):
     """Hold the folder's writer lock (creating the folder) or fail with one line naming the
-    folder and the pid of the process that holds it."""
-    if not is_main_rank():
+    folder and the pid of the process that holds it. `writer` says whether this process writes
+    the folder's shared files; by default the launcher's `RANK` decides. Training passes the
+    accelerator's answer (`msd.train.launch.writer_lock`): a launch whose environment says rank 1
+    while the process group says it is alone must still lock."""
+    if not (is_main_rank() if writer is None else writer):
         yield
         return
     try:
