@@ -129,3 +129,17 @@ def test_inconsistent_launches_exit_2_before_writing(tiny_model_dir, query_file,
     assert len(proc.stderr.strip().splitlines()) == 1
     assert time.monotonic() - start < 60
     assert not out.exists()
+
+
+def test_deepspeed_full_finetuning_of_half_weights_needs_mixed_precision():
+    """DeepSpeed keeps float32 master weights only in its bf16/fp16 mode: half-precision weights
+    with mixed_precision 'no' would lose most updates, as without DeepSpeed."""
+    import torch
+
+    from msd.train.setup import master_weights
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    ds = accelerator(2, 0, kind=DistributedType.DEEPSPEED)
+    with pytest.raises(MsdError, match="loses most updates"):
+        master_weights(model, "no", ds)
+    assert master_weights(model, "bf16", ds).weight.dtype == torch.bfloat16  # DeepSpeed's own copy

@@ -96,16 +96,20 @@ def test_zero3_full_finetuning_partitions_resumes_and_loads(peaky_model_dir, que
                  load_file(str(tmp_path / "two" / "final" / "model.safetensors")))
 
 
-def test_zero3_lora_partitions_resumes_and_loads_in_peft(peaky_model_dir, queries, tmp_path):
+def test_zero3_lora_off_policy_partitions_resumes_and_loads_in_peft(peaky_model_dir, queries,
+                                                                   tmp_path):
+    """LoRA, off-policy: both processes sample the teacher (temperature 1) from gathered weights,
+    and the adapter trains on the engine's partitions."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = overrides(peaky_model_dir, queries, tmp_path / "two", 2, train__max_steps=STEPS,
-                     lora__enabled="true")
+    extra = dict(lora__enabled="true", train__mode="off_policy", rollout__temperature=1.0,
+                 rollout__batch_size=3)
+    args = overrides(peaky_model_dir, queries, tmp_path / "two", 2, train__max_steps=STEPS, **extra)
     output = zero3(args).finish()
     assert_partitioned(output)
     assert_engine_checkpoint(tmp_path / "two", STEPS)
-    killed_and_resumed(peaky_model_dir, queries, tmp_path / "run", lora__enabled="true")
+    killed_and_resumed(peaky_model_dir, queries, tmp_path / "run", **extra)
     a = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
     assert_equal(a, b)

@@ -100,12 +100,14 @@ def master_weights(model, mixed_precision: str, accelerator):
     from accelerate.utils import DistributedType
 
     half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    if not half or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if not half:
         return model
-    if mixed_precision == "no":
+    if mixed_precision == "no":  # DeepSpeed too: without bf16/fp16 it keeps no float32 copy
         raise MsdError("full fine-tuning with half-precision weights loses most updates; set "
                        "train.mixed_precision=bf16 (float32 master weights, bf16 compute), "
                        "model.dtype=float32, or lora.enabled=true", "train.mixed_precision")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return model  # its bf16/fp16 mode keeps float32 master weights itself
     return model.float()
 
 
