@@ -34,7 +34,7 @@ ENGINES = {  # name -> launcher prefix (None: one plain process)
 }
 
 
-def worker(model_dir: str, lora: bool) -> None:
+def worker(model_dir: str, lora: bool, out_dir: str) -> None:
     import torch
 
     from _common import rss_mib
@@ -57,20 +57,21 @@ def worker(model_dir: str, lora: bool) -> None:
         run.optimizer.zero_grad()
     held = (rss_mib() - base_mib) * 2**20 / n_params
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mib) * 2**20 / n_params
-    print("MEM " + json.dumps({"rank": acc.process_index, "params": n_params, "engine": run.engine,
-                               "held_B_per_param": round(held, 2),
-                               "peak_B_per_param": round(peak, 2)}), flush=True)
+    row = {"rank": acc.process_index, "params": n_params, "engine": run.engine,
+           "held_B_per_param": round(held, 2), "peak_B_per_param": round(peak, 2)}
+    Path(out_dir, f"mem_{acc.process_index}.json").write_text(json.dumps(row))
 
 
 def launch(engine: str, model_dir: str, lora: bool) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), PYTHONWARNINGS="ignore")
-    script = [str(Path(__file__).resolve()), "--worker", model_dir, str(int(lora))]
+    out_dir = tempfile.mkdtemp()
+    script = [str(Path(__file__).resolve()), "--worker", model_dir, str(int(lora)), out_dir]
     config = ENGINES[engine]
     cmd = [sys.executable, *script] if config is None else [
         str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
         str(ROOT / "configs/accelerate" / config), "--main_process_port", "29731", *script]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("MEM ")]
+    rows = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("mem_*.json"))]
     if not rows:
         raise SystemExit(f"{engine}: no figures\n{(out.stdout + out.stderr)[-3000:]}")
     return rows
@@ -96,6 +97,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], sys.argv[3] == "1")
+        worker(sys.argv[2], sys.argv[3] == "1", sys.argv[4])
     else:
         main()

@@ -38,13 +38,15 @@ class Launch:
     """`msd train` on two processes, in its own process group (killed as a whole)."""
 
     def __init__(self, args: list[str], launcher: str = "accelerate",
-                 config: str = "fsdp_cpu.yaml", **env_extra: str):
+                 config: str = "fsdp_cpu.yaml", launch_args: tuple[str, ...] = (),
+                 port: int | None = None, **env_extra: str):
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT / "src"), **env_extra)
-        port = str(free_port())
+        port = str(port or free_port())
         if launcher == "accelerate":
             cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                   str(ROOT / "configs/accelerate" / config), "--main_process_port", port]
+                   str(ROOT / "configs/accelerate" / config), "--main_process_port", port,
+                   *launch_args]
         else:  # torchrun: the FSDP request is the environment accelerate would set
             env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -52,6 +54,23 @@ class Launch:
         self.proc = subprocess.Popen([*cmd, "-m", "msd.cli", "train", "--quiet", *args], env=env,
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
+
+    def outcome(self, timeout: float) -> tuple[int, str]:
+        """(exit status, output) once it ends; killed (and failed) after `timeout` seconds."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, _ = self.proc.communicate()
+            raise AssertionError(f"still running after {timeout} s:\n{out[-4000:]}") from None
+        return self.proc.returncode, out
+
+    def kill(self) -> None:
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def finish(self) -> str:
         out, _ = self.proc.communicate(timeout=300)
@@ -64,11 +83,7 @@ class Launch:
         deadline = time.monotonic() + 240
         while not marker.exists() and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        for pid in [*descendants(self.proc.pid), self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.kill()
         out, _ = self.proc.communicate()
         assert marker.exists(), out[-4000:]
 

@@ -128,6 +128,30 @@ def check(accelerator, claim: Claim) -> None:
                        "written (see docs/SCALING.md for the launches msd supports)")
 
 
+# What gloo and nccl raise when a peer is gone (killed, its node down) or silent past the
+# timeout: plain RuntimeErrors, told apart from msd's own bugs only by their text.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+             "NCCL communicator was aborted", "Broken pipe")
+
+
+@contextlib.contextmanager
+def peer_loss_reported(accelerator):
+    """A lost peer becomes one line naming this process, the cause and how to resume, where
+    it was a gloo / nccl traceback. The run stops either way: the last whole checkpoint stays."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if accelerator.num_processes < 2 or not (isinstance(e, torch.distributed.DistError)
+                                                 or any(s in text for s in PEER_LOST)):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise MsdError(f"process {accelerator.process_index} of {accelerator.num_processes} lost "
+                       f"contact with the others (a process or node stopped, or was silent for "
+                       f"{TIMEOUT_ENV}={timeout().total_seconds():g} s): {first[:300]}; rerun the same "
+                       "launch on every node to resume from the last checkpoint") from e
+
+
 @contextlib.contextmanager
 def writer_lock(folder, accelerator):
     """The output folder's lock, held by the accelerator's main process (the one that writes

@@ -52,7 +52,7 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
     The output folder's writer lock is held for the whole run (`msd.train.launch.writer_lock`)."""
     tc = cfg.train
     accelerator = make_accelerator(tc)  # refuses a launch that is not what it claims
-    with launch.writer_lock(tc.output_dir, accelerator):
+    with launch.writer_lock(tc.output_dir, accelerator), launch.peer_loss_reported(accelerator):
         return _train(cfg, accelerator, model, tokenizer, tuples, progress, resume,
                       refusal_check, loss_fn)
 
