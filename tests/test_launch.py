@@ -143,3 +143,17 @@ def test_deepspeed_full_finetuning_of_half_weights_needs_mixed_precision():
     with pytest.raises(MsdError, match="loses most updates"):
         master_weights(model, "no", ds)
     assert master_weights(model, "bf16", ds).weight.dtype == torch.bfloat16  # DeepSpeed's own copy
+
+
+def test_a_lost_peer_is_one_line_and_other_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.setenv(launch.TIMEOUT_ENV, "30")
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
+    with pytest.raises(MsdError, match=r"process 1 of 2 lost contact .*MSD_DIST_TIMEOUT=30 s\): "
+                                       r"\[gloo.*Connection closed by peer.*rerun the same launch"):
+        with launch.peer_loss_reported(accelerator(2, 1)):
+            raise lost
+    for acc, error in ((accelerator(2, 1), RuntimeError("size mismatch")), (accelerator(1, 0), lost)):
+        with pytest.raises(RuntimeError) as caught:
+            with launch.peer_loss_reported(acc):
+                raise error
+        assert caught.value is error  # a bug, or one process alone: not a lost peer
