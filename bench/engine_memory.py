@@ -4,8 +4,9 @@ for full fine-tuning and LoRA, each on 2 processes (one for "one process").
 Each process builds msd's accelerator and run exactly as `msd train` does
 (`msd.train.setup.make_accelerator` + `prepare`: teacher copy, sharding, optimizer), takes two
 optimizer steps of a plain language-model loss (so gradients and AdamW states exist), and reports
-its resident memory above what it held before loading the model: held after the steps, and the
-peak (loading included), in bytes per parameter of the model. float32 weights, no mixed
+its memory above what it held before loading the model, in bytes per parameter of the model:
+the tensors it keeps (`live_tensor_bytes`), its resident memory after the steps, and the peak
+resident memory (loading included). Per process, one figure per process. float32 weights, no mixed
 precision. The model is a Qwen2-style decoder (hidden 512, 8 layers, 32,768-id vocabulary,
 tied embedding: ~41M parameters), big enough that the library's own memory does not blur the
 figures.
@@ -34,6 +35,28 @@ ENGINES = {  # name -> launcher prefix (None: one plain process)
 }
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of the tensor storages this process's Python objects reach (each storage once;
+    FSDP2's DTensors by their local shard): what the engine keeps, without the freed memory the
+    C heap holds on to, which resident memory still counts."""
+    import gc
+
+    import torch
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        t = getattr(obj, "_local_tensor", obj)
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if storage.device.type == "cpu" and storage.nbytes():
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def worker(model_dir: str, lora: bool, out_dir: str) -> None:
     import torch
 
@@ -45,9 +68,10 @@ def worker(model_dir: str, lora: bool, out_dir: str) -> None:
     cfg = load_config(None, [f"model.name_or_path={model_dir}", f"lora.enabled={str(lora).lower()}",
                              "train.batch_size=1", "train.max_steps=2", "loss.chunk_size=0"])
     acc = make_accelerator(cfg.train)
-    base_mib = rss_mib()
+    base_mib, base_live = rss_mib(), live_tensor_bytes()
     model = load_model(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 loads each process's partition only (docs/SCALING.md): count the full sizes
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     run = prepare(cfg, model, acc, 16)
     ids = torch.randint(0, SIZE["vocab"], (1, 32))
     for _ in range(2):
@@ -56,9 +80,10 @@ def worker(model_dir: str, lora: bool, out_dir: str) -> None:
         run.optimizer.step()
         run.optimizer.zero_grad()
     held = (rss_mib() - base_mib) * 2**20 / n_params
+    live = (live_tensor_bytes() - base_live) / n_params
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mib) * 2**20 / n_params
     row = {"rank": acc.process_index, "params": n_params, "engine": run.engine,
-           "held_B_per_param": round(held, 2), "peak_B_per_param": round(peak, 2)}
+           "live_B_per_param": round(live, 2), "held_B_per_param": round(held, 2), "peak_B_per_param": round(peak, 2)}
     Path(out_dir, f"mem_{acc.process_index}.json").write_text(json.dumps(row))
 
 
@@ -84,14 +109,15 @@ def main() -> None:
         model_dir = str(make_bench_model(Path(tmp) / "model", hidden=SIZE["hidden"], layers=SIZE["layers"],
                                          heads=SIZE["heads"], kv_heads=SIZE["kv_heads"],
                                          intermediate=SIZE["intermediate"], vocab=SIZE["vocab"]))
-        print("| engine | tuning | processes | held B/param (per process) | peak B/param (per process) |")
-        print("|---|---|---|---|---|")
+        print("| engine | tuning | processes | tensors B/param | resident B/param | peak resident B/param |")
+        print("|---|---|---|---|---|---|")
         for lora in (False, True):
             for engine in ENGINES:
                 rows = launch(engine, model_dir, lora)
+                live = " / ".join(f"{r['live_B_per_param']:.1f}" for r in rows)
                 held = " / ".join(f"{r['held_B_per_param']:.1f}" for r in rows)
                 peak = " / ".join(f"{r['peak_B_per_param']:.1f}" for r in rows)
-                print(f"| {engine} | {'LoRA' if lora else 'full'} | {len(rows)} | {held} | {peak} |",
+                print(f"| {engine} | {'LoRA' if lora else 'full'} | {len(rows)} | {live} | {held} | {peak} |",
                       flush=True)
 
 

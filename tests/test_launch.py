@@ -157,3 +157,10 @@ def test_a_lost_peer_is_one_line_and_other_errors_keep_their_traceback(monkeypat
             with launch.peer_loss_reported(acc):
                 raise error
         assert caught.value is error  # a bug, or one process alone: not a lost peer
+
+
+def test_mpi_launchers_are_read_as_accelerate_reads_them(no_launch):
+    no_launch.setenv("PMI_SIZE", "2")
+    no_launch.setenv("PMI_RANK", "1")
+    no_launch.setenv("MPI_LOCALRANKID", "1")
+    assert launch.claimed() == launch.Claim(2, 1, 1, False)

@@ -49,14 +49,21 @@ class Claim:
                 f"LOCAL_RANK={self.local_rank})")
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise MsdError(f"launch: {name}={raw!r} is not a number", name) from None
+# The launcher's variables, torchrun's first, then MPI's (as accelerate reads them on CPU).
+WORLD = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            try:
+                return int(raw)
+            except ValueError:
+                raise MsdError(f"launch: {name}={raw!r} is not a number", name) from None
+    return default
 
 
 def deepspeed_requested() -> bool:
@@ -66,8 +73,8 @@ def deepspeed_requested() -> bool:
 
 def claimed() -> Claim:
     """The launcher's word, read from the environment; refused when it contradicts itself."""
-    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
-    claim = Claim(world, rank, _env_int("LOCAL_RANK", 0), deepspeed_requested())
+    world, rank = _env_int(WORLD, 1), _env_int(RANK, 0)
+    claim = Claim(world, rank, _env_int(LOCAL_RANK, 0), deepspeed_requested())
     if world < 1 or not 0 <= rank < world or not 0 <= claim.local_rank <= rank:
         raise MsdError(f"inconsistent launch: {claim}; nothing was written")
     if world > 1 and not ("MASTER_ADDR" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ

@@ -17,8 +17,6 @@ from msd.losses import check_jsd_beta
 from msd.models import Teacher, apply_lora, is_peft
 from msd.train import launch, sharding
 
-WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
 
 def make_accelerator(tc):
     """An `accelerate.Accelerator` for the launch this process is part of, checked against what
@@ -27,7 +25,7 @@ def make_accelerator(tc):
     from accelerate import Accelerator
 
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
-            and not any(v in os.environ for v in WORLD_VARS):  # --cpu without mpirun: one process
+            and not any(v in os.environ for v in launch.WORLD):  # --cpu without mpirun: one process
         raise MsdError("`accelerate launch --cpu --num_processes N` starts a single process; for N "
                        "CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo "
                        "without GPUs) or --config_file configs/accelerate/cpu_ddp.yaml")
