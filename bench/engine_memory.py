@@ -8,7 +8,7 @@ its memory above what it held before loading the model, in bytes per parameter o
 the tensors it keeps (`live_tensor_bytes`), its resident memory after the steps, and the peak
 resident memory (loading included). Per process, one figure per process. float32 weights, no mixed
 precision. The model is a Qwen2-style decoder (hidden 512, 8 layers, 32,768-id vocabulary,
-tied embedding: ~41M parameters), big enough that the library's own memory does not blur the
+tied embedding: 48.3M parameters), big enough that the library's own memory does not blur the
 figures.
 
     python bench/engine_memory.py            # all engines, prints one table row per run

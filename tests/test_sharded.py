@@ -24,7 +24,7 @@ from launches import ROOT, STEPS, Launch, assert_close, free_port, overrides, sh
 from msd.config import load_config
 from msd.train import checkpoint, train
 
-pytestmark = pytest.mark.slow  # ~2-4 minutes in all (six two-process launches), load-dependent
+pytestmark = pytest.mark.slow  # ~2-4 minutes in all (seven two-process launches), load-dependent
 
 
 @pytest.fixture(scope="module")
