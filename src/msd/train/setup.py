@@ -35,7 +35,7 @@ def make_accelerator(tc):
     # DeepSpeed is the exception: cpu=True would turn it into DDP; it gets gloo by name instead.
     cpu_ddp = claim.world > 1 and not torch.cuda.is_available() and not claim.deepspeed
     if claim.deepspeed and not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # not a guess from what is installed
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for one and warn
     # FSDP: msd shards (msd.train.sharding) and sets the precision itself; accelerate only
     # starts the processes.
     precision = "no" if sharding.fsdp_requested() else tc.mixed_precision
@@ -47,7 +47,10 @@ def make_accelerator(tc):
                                       cpu=cpu_ddp, kwargs_handlers=launch.process_group_handlers(claim))
     except ImportError as e:  # a DeepSpeed launch without deepspeed installed
         raise MsdError(f"{claim}: {e}") from None
-    except (ValueError, RuntimeError) as e:  # the process group could not be formed
+    except (ValueError, RuntimeError) as e:
+        if claim.world < 2:
+            raise
+        # the process group could not be formed (a partner that never came, a bad address)
         raise MsdError(f"{claim}: the processes could not be joined ({str(e).splitlines()[0]})") from None
     launch.check(accelerator, claim)
     if claim.deepspeed:  # msd feeds its own micro-batches: no dataloader for accelerate to read
