@@ -13,111 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launches import ROOT, STEPS, Launch, assert_close, free_port, overrides, shares
 from msd.config import load_config
 from msd.train import checkpoint, train
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
-pytestmark = pytest.mark.slow  # ~2-4 minutes in all (six two-process launches), load-dependent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def overrides(model_dir, queries, out, batch, **extra) -> list[str]:
-    opts = {"model.name_or_path": model_dir, "data.source": queries, "train.output_dir": out,
-            "train.batch_size": batch, "train.max_steps": STEPS, "train.lr": 1e-2,
-            "train.save_every": 1, "train.schedule": "constant", "train.warmup_ratio": 0,
-            "rollout.max_new_tokens": 5, "rollout.temperature": 0, "loss.chunk_size": 0,
-            "data.heldout_fraction": 0}
-    opts.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in opts.items()]
-
-
-class Launch:
-    """`msd train` on two processes, in its own process group (killed as a whole)."""
-
-    def __init__(self, args: list[str], launcher: str = "accelerate"):
-        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT / "src"))
-        port = str(_free_port())
-        if launcher == "accelerate":
-            cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                   str(ROOT / "configs/accelerate/fsdp_cpu.yaml"), "--main_process_port", port]
-        else:  # torchrun: the FSDP request is the environment accelerate would set
-            env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", port]
-        self.proc = subprocess.Popen([*cmd, "-m", "msd.cli", "train", "--quiet", *args], env=env,
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-
-    def finish(self) -> str:
-        out, _ = self.proc.communicate(timeout=300)
-        assert self.proc.returncode == 0, out[-4000:]
-        return out
-
-    def kill_after(self, marker: Path) -> None:
-        """SIGKILL every process of the launch (the workers too: torchrun starts each in its own
-        session) as soon as `marker` exists, as a node failure would."""
-        deadline = time.monotonic() + 240
-        while not marker.exists() and self.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for pid in [*descendants(self.proc.pid), self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out, _ = self.proc.communicate()
-        assert marker.exists(), out[-4000:]
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes started (transitively) by `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def shares(output: str) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in re.findall(r"holds (\d+) of (\d+) parameter elements", output)]
-
-
-def assert_close(a: dict, b: dict, moved_from: dict | None = None) -> None:
-    assert a.keys() == b.keys() and a
-    diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-    # AdamW moves each weight by up to lr = 1e-2 per step; rounding noise in differently padded
-    # batches moves a few by ~1e-5; a sharding or averaging error moves most by ~1e-2.
-    assert diffs.max() < 1e-4, diffs.max()
-    assert diffs.median() < 1e-6
-    if moved_from is not None:  # the comparison means something only if training moved them
-        moved = torch.cat([(a[k].float() - moved_from[k].float()).abs().flatten() for k in a])
-        assert moved.median() > 1e-3
+pytestmark = pytest.mark.slow  # ~2-4 minutes in all (seven two-process launches), load-dependent
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +85,8 @@ def test_fsdp_full_finetuning_killed_and_resumed_equals_uninterrupted(full_ft, p
 def test_fsdp_lora_off_policy_torchrun_killed_resumed_matches_one_process(peaky_model_dir, queries,
                                                                           tmp_path, one_thread):
     """LoRA, off-policy with sampled (temperature 1) teacher responses, launched by torchrun:
-    both processes share the teacher sampling, and the cache equals a one-process run's."""
+    both processes share the teacher sampling, the cache equals a one-process run's, and the
+    resumed adapter equals an uninterrupted two-process run's bit for bit."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -189,9 +97,16 @@ def test_fsdp_lora_off_policy_torchrun_killed_resumed_matches_one_process(peaky_
     Launch(args, "torchrun").kill_after(out / "checkpoints" / "step_2" / "state.json")
     assert not (out / "final").exists(), "the run finished before it was killed"
     rerun = Launch(args, "torchrun")
+    whole = Launch(overrides(peaky_model_dir, queries, tmp_path / "whole", 2, **extra), "torchrun")
     train(load_config(None, overrides(peaky_model_dir, queries, tmp_path / "one", 4, **extra)),
           progress=False)
     output = rerun.finish()
+    whole.finish()
+    a = load_file(str(out / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
     assert "resuming from" in output
     (l0, n0), (l1, _) = shares(output)
     assert abs(l0 - l1) < 0.1 * n0
@@ -225,7 +140,7 @@ def test_fsdp_pieces_under_torchrun(tiny_model_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), str(ROOT / "tests" / "fsdp_probe.py"),
+                           "--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_probe.py"),
                            str(tiny_model_dir)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -60,14 +60,15 @@ def run_train(args) -> int:
     from msd.train.setup import start_line
 
     start_line("train", cfg, args.strict)
-    from msd.lock import output_lock
     from msd.train import train
 
-    # --no-resume starts from a clean folder: the old run's logs and checkpoints are discarded
-    # (never mixed with the new run's), and only in a folder msd train owns.
-    with output_lock(cfg.train.output_dir, "train", fresh=args.resume is False):
-        result = train(cfg, progress=not args.quiet, resume=args.resume)
-    print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
+    # train() takes the output folder's lock itself, in the process its accelerator makes the
+    # writer (msd.train.launch), once the launch is known to be what it claims; --no-resume
+    # starts from a clean folder (the old run's logs and checkpoints discarded, never mixed with
+    # the new run's), and only in a folder msd train owns.
+    result = train(cfg, progress=not args.quiet, resume=args.resume)
+    if result.main_process:  # once per launch, not once per process
+        print(f"msd: trained {result.steps} steps; outputs in {result.output_dir}")
     return 0
 
 

@@ -33,10 +33,14 @@ def is_main_rank() -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, kind: str, *, fresh: bool = False):
+def output_lock(folder: str | os.PathLike, kind: str, *, fresh: bool = False, writer: bool | None = None):
     """Hold the folder's writer lock (creating the folder) and claim it for `kind`, or fail with
-    one line naming the folder and the pid of the process that holds it (or its owner)."""
-    if not is_main_rank():
+    one line naming the folder and the pid of the process that holds it (or its owner).
+    `writer` says whether this process writes the folder's shared files; by default the
+    launcher's `RANK` decides. Training passes the accelerator's answer
+    (`msd.train.launch.writer_lock`): a launch whose environment says rank 1 while the process
+    group says it is alone must still lock."""
+    if not (is_main_rank() if writer is None else writer):
         yield
         return
     try:

@@ -5,7 +5,8 @@
   the optimizer state as shards under `dcp/`, each process its own (a resumed run may use another
   number of processes: DCP reshards on load);
 - DeepSpeed ZeRO-3: accelerate's `save_state` / `load_state` under `engine/` (the engine's own
-  partitioned checkpoint). UNTESTED here (needs deepspeed and GPUs).
+  partitioned checkpoint: `zero_pp_rank_<r>_*` files, one set per process); tested on CPU
+  over gloo (tests/test_zero3.py), not run on GPUs.
 
 Beside them, the same files as a one-process checkpoint: `scheduler.pt`, `state.json` (step,
 data position, config fingerprint), and one RNG state per process (`rng_<rank>.pt`). All

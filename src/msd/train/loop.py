@@ -28,7 +28,7 @@ from msd.losses import LossSpec
 from msd.memory import steady_heap, trim_heap
 from msd.models import load_model_and_tokenizer
 from msd.scoring import msd_batch_loss
-from msd.train import checkpoint, dist_checkpoint, logs, responses, sharding
+from msd.train import checkpoint, dist_checkpoint, launch, logs, responses, sharding
 from msd.train.items import Item, build_items, micro_batch
 from msd.train.setup import Run, make_accelerator, prepare
 
@@ -40,6 +40,7 @@ class TrainResult:
     output_dir: Path
     steps: int
     history: list[dict] = field(default_factory=list)
+    main_process: bool = True  # the process that wrote the shared outputs
 
 
 def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = None,
@@ -47,15 +48,25 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
           refusal_check: Callable[[str, str], bool] | None = None,
           loss_fn: Callable = msd_batch_loss) -> TrainResult:
     """Run MSD with `cfg` (a `msd.config.Config`). `resume=None` resumes automatically when
-    output_dir holds a checkpoint. `loss_fn` has `msd.scoring.msd_batch_loss`'s signature."""
+    output_dir holds a checkpoint. `loss_fn` has `msd.scoring.msd_batch_loss`'s signature.
+    The output folder's writer lock is held for the whole run (`msd.train.launch.writer_lock`)."""
+    tc = cfg.train
+    accelerator = make_accelerator(tc)  # refuses a launch that is not what it claims
+    # Ranks agree or stop: before any other collective (the lock's, model sharding, batches).
+    sharding.same_everywhere({**resume_keys(cfg), "train": to_dict(cfg)["train"]},
+                             "the config (with its data and model files)", checkpoint.changes)
+    with launch.writer_lock(tc.output_dir, accelerator, "train", fresh=resume is False), \
+            launch.peer_loss_reported(accelerator):
+        return _train(cfg, accelerator, model, tokenizer, tuples, progress, resume,
+                      refusal_check, loss_fn)
+
+
+def _train(cfg, accelerator, model, tokenizer, tuples, progress, resume, refusal_check,
+           loss_fn) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     tc = cfg.train
-    accelerator = make_accelerator(tc)
-    # Ranks agree or stop: before any other collective (model sharding, batches, steps).
-    sharding.same_everywhere({**resume_keys(cfg), "train": to_dict(cfg)["train"]},
-                             "the config (with its data and model files)", checkpoint.changes)
     out_dir = ensure_writable_dir(tc.output_dir)
     set_seed(tc.seed)
     if model is None:
@@ -94,7 +105,8 @@ def train(cfg, *, model=None, tokenizer=None, tuples: list[QueryTuple] | None = 
     final = dist_checkpoint.save_final(run, tokenizer, out_dir, to_yaml(cfg))
     logger.close()
     accelerator.print(f"msd: saved {final}")
-    return TrainResult(run.unwrapped, tokenizer, out_dir, run.total_steps, history)
+    return TrainResult(run.unwrapped, tokenizer, out_dir, run.total_steps, history,
+                       accelerator.is_main_process)
 
 
 # ----------------------------------------------------------------------------- the parts

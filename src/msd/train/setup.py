@@ -3,6 +3,7 @@ teacher, optimizer and schedule, prepared for the engine."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -15,7 +16,7 @@ from msd.losses import check_jsd_beta
 from msd import machine
 from msd.machine import WORLD_SIZE_VARS
 from msd.models import Teacher, apply_lora, dtype_label, is_peft
-from msd.train import sharding
+from msd.train import launch, sharding
 from msd.train.schedule import make_scheduler
 
 
@@ -32,7 +33,9 @@ def start_line(command: str, cfg, strict: bool) -> None:
 
 
 def make_accelerator(tc):
-    """An `accelerate.Accelerator` for the launch this process is part of."""
+    """An `accelerate.Accelerator` for the launch this process is part of, checked against what
+    the launcher claims (`msd.train.launch`): an inconsistent launch stops here, before any
+    write."""
     from accelerate import Accelerator
 
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ \
@@ -40,17 +43,33 @@ def make_accelerator(tc):
         raise MsdError("`accelerate launch --cpu --num_processes N` starts a single process; for N "
                        "CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo "
                        "without GPUs) or --config_file configs/accelerate/cpu_ddp.yaml")
+    claim = launch.claimed()  # before accelerate, which rewrites the variables on CPU
     # Several processes without a GPU (torchrun / accelerate's --multi_gpu launcher): accelerate
     # picks DDP over gloo only when told cpu=True; otherwise every process trains alone.
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # DeepSpeed is the exception: cpu=True would turn it into DDP; it gets gloo by name instead.
+    cpu_ddp = claim.world > 1 and not torch.cuda.is_available() and not claim.deepspeed
+    if claim.deepspeed and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for one and warn
     # FSDP: msd shards (msd.train.sharding) and sets the precision itself; accelerate only
     # starts the processes.
     precision = "no" if sharding.fsdp_requested() else tc.mixed_precision
     reset_precision(precision)
     sharding.die_with_launcher()
-    with sharding.accelerate_fsdp_hidden():
-        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum,
-                           cpu=cpu_ddp)
+    try:
+        with sharding.accelerate_fsdp_hidden():
+            accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum,
+                                      cpu=cpu_ddp, kwargs_handlers=launch.process_group_handlers(claim))
+    except ImportError as e:  # a DeepSpeed launch without deepspeed installed
+        raise MsdError(f"{claim}: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        if claim.world < 2:
+            raise
+        # the process group could not be formed (a partner that never came, a bad address)
+        raise MsdError(f"{claim}: the processes could not be joined ({str(e).splitlines()[0]})") from None
+    launch.check(accelerator, claim)
+    if claim.deepspeed:  # msd feeds its own micro-batches: no dataloader for accelerate to read
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tc.batch_size
+    return accelerator
 
 
 def reset_precision(mixed_precision: str) -> None:
@@ -96,13 +115,28 @@ def master_weights(model, mixed_precision: str, accelerator):
     from accelerate.utils import DistributedType
 
     half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    if not half or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if not half:
         return model
-    if mixed_precision == "no":
+    if mixed_precision == "no":  # DeepSpeed too: without bf16/fp16 it keeps no float32 copy
         raise MsdError("full fine-tuning with half-precision weights loses most updates; set "
                        "train.mixed_precision=bf16 (float32 master weights, bf16 compute), "
                        "model.dtype=float32, or lora.enabled=true", "train.mixed_precision")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return model  # its bf16/fp16 mode keeps float32 master weights itself
     return model.float()
+
+
+def zero3_gathered_for_copy(model, lora: bool):
+    """The full weights while the full fine-tuning teacher copy is made. Under a DeepSpeed
+    launch accelerate hands transformers its ZeRO-3 config whatever `zero3_init_flag` says, so
+    `from_pretrained` loads each process's partition only; a plain copy of that would hold empty
+    tensors. Gathered, the copy is the full, plain theta_0 (one per process)."""
+    params = [] if lora else [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 @dataclass
@@ -134,7 +168,8 @@ def prepare(cfg, model, accelerator, n_items: int) -> Run:
     fsdp2 = sharding.fsdp_requested()
     if not fsdp2:  # FSDP2 moves the weights one unit at a time while sharding
         model.to(accelerator.device)
-    teacher = Teacher.for_model(model)  # frozen now: theta_0
+    with zero3_gathered_for_copy(model, cfg.lora.enabled):
+        teacher = Teacher.for_model(model)  # frozen now: theta_0
     if not cfg.lora.enabled:
         model = master_weights(model, tc.mixed_precision, accelerator)
     if tc.gradient_checkpointing:
@@ -144,7 +179,7 @@ def prepare(cfg, model, accelerator, n_items: int) -> Run:
     if fsdp2:  # before the optimizer: it must hold the shards
         sharding.shard(model, accelerator.device, tc.mixed_precision)
         sharding.shard(teacher.frozen, accelerator.device, tc.mixed_precision)
-        print(sharding.share_line(model, accelerator), flush=True)
+        print(sharding.share_line(model, accelerator, "FSDP2"), flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=fused_optimizer(params, accelerator, fsdp2))
@@ -161,5 +196,7 @@ def prepare(cfg, model, accelerator, n_items: int) -> Run:
             warnings.warn("FSDP / ZeRO-3: loss.chunk_size set to 0 (full logits)")
             loss_cfg = dataclasses.replace(loss_cfg, chunk_size=0)
     engine = "fsdp2" if fsdp2 else "deepspeed" if sharded else "plain"
+    if engine == "deepspeed":
+        print(sharding.share_line(accelerator.unwrap_model(model), accelerator, "ZeRO-3"), flush=True)
     return Run(accelerator, model, accelerator.unwrap_model(model), teacher, params, optimizer,
                scheduler, total_steps, sharded, loss_cfg, engine)

@@ -120,18 +120,23 @@ def sync_adapter(model, device: torch.device) -> None:
 
 
 def local_share(model) -> tuple[int, int]:
-    """(elements this process holds, elements of the full model) of the parameters."""
+    """(elements this process holds, elements of the full model) of the parameters: FSDP2's
+    local shards (DTensor), ZeRO-3's partitions (`ds_tensor`, padded to equal sizes)."""
     local = full = 0
     for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            full += p.ds_numel
+            local += p.ds_tensor.numel()
+            continue
         full += p.numel()
         local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
     return local, full
 
 
-def share_line(model, accelerator) -> str:
+def share_line(model, accelerator, engine: str) -> str:
     local, full = local_share(model)
-    return (f"msd: FSDP2 process {accelerator.process_index} of {accelerator.num_processes} holds "
-            f"{local} of {full} parameter elements")
+    return (f"msd: {engine} process {accelerator.process_index} of {accelerator.num_processes} "
+            f"holds {local} of {full} parameter elements")
 
 
 def grad_norm(params) -> float:
