@@ -10,10 +10,13 @@ same thread count as the decoding), then the seconds per greedy decode step of
 - plain `model.generate(do_sample=False)`,
 
 each as (time for N new tokens - time for 1 new token) / (steps - 1), so prefill and set-up
-cancel; the fastest of --reps alternating runs (on a shared machine the others waited for a
-core). Floors: float32 weights; the weights msd reads (head in bfloat16 where it uses that);
+cancel; the fastest of --reps alternating runs. Times are taken twice: wall seconds, and the
+process's CPU seconds (with one thread, the time it ran on a core: on a machine shared with
+other jobs the wall time includes waiting for one, the CPU time does not; it still includes
+the slowdown of sharing caches and memory bandwidth, so both are upper bounds). Floors: float32 weights; the weights msd reads (head in bfloat16 where it uses that);
 both plus the KV cache read at the mean context length. The last lines are
-`decode_vs_floor_b<B>=<seconds per step / floor>` for msd and for `generate`.
+`decode_vs_floor_b<B>_<msd|generate>=<seconds per step / floor>`, CPU seconds with one thread
+(wall seconds otherwise).
 
     python bench/decode_floor.py --model smollm2               # batch 1 and 8, 1 thread
     python bench/decode_floor.py --model smollm2 --threads 2 --new-tokens 64
@@ -34,16 +37,27 @@ import torch  # noqa: E402
 from _common import bench_tokenizer, machine_line, real_queries, resolve_model  # noqa: E402
 
 
-def read_bandwidth(n_bytes: int, reps: int) -> float:
-    """Bytes per second read by `x.sum()` over an n_bytes float32 tensor, best of reps."""
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(t: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds since `clocks()` returned t."""
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def read_bandwidth(n_bytes: int, reps: int) -> tuple[float, float]:
+    """Bytes per second read by `x.sum()` over an n_bytes float32 tensor, best of reps, by the
+    wall clock and by the CPU clock."""
     x = torch.ones(n_bytes // 4)
     x.sum()  # fault the pages in
-    best = float("inf")
+    wall, cpu = float("inf"), float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t = clocks()
         x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+        w, c = since(t)
+        wall, cpu = min(wall, w), min(cpu, c)
+    return x.numel() * 4 / wall, x.numel() * 4 / cpu
 
 
 def weight_bytes(model) -> tuple[int, int]:
@@ -64,29 +78,29 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
 
 
-def timed_msd(model, tok, prompts, new_tokens: int) -> tuple[float, int]:
+def timed_msd(model, tok, prompts, new_tokens: int) -> tuple[tuple[float, float], int]:
     from msd.generation import generate
 
-    t0 = time.perf_counter()
+    t = clocks()
     out = generate(model, tok, prompts, max_new_tokens=new_tokens, temperature=0.0, batch_size=len(prompts))
-    return time.perf_counter() - t0, max(len(r[0]) for r in out)
+    return since(t), max(len(r[0]) for r in out)
 
 
 @torch.no_grad()
-def timed_plain(model, tok, prompts, new_tokens: int) -> tuple[float, int]:
+def timed_plain(model, tok, prompts, new_tokens: int) -> tuple[tuple[float, float], int]:
     enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
-    t0 = time.perf_counter()
+    t = clocks()
     # min_new_tokens: every row decodes all N steps (msd's loop also steps until all rows end)
     gen = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=tok.pad_token_id)
-    return time.perf_counter() - t0, gen.shape[1] - enc["input_ids"].shape[1]
+    return since(t), gen.shape[1] - enc["input_ids"].shape[1]
 
 
-def per_step(fn, model, tok, prompts, new_tokens: int) -> tuple[float, int]:
-    """(seconds per decode step, steps) of one run: N tokens minus 1 token, over steps - 1."""
-    t1, _ = fn(model, tok, prompts, 1)
-    tn, steps = fn(model, tok, prompts, new_tokens)
-    return (tn - t1) / max(steps - 1, 1), steps
+def per_step(fn, model, tok, prompts, new_tokens: int) -> tuple[float, float, int]:
+    """(wall, CPU seconds per decode step, steps) of one run: N tokens minus 1 token, over steps - 1."""
+    (w1, c1), _ = fn(model, tok, prompts, 1)
+    (wn, cn), steps = fn(model, tok, prompts, new_tokens)
+    return (wn - w1) / max(steps - 1, 1), (cn - c1) / max(steps - 1, 1), steps
 
 
 def main(argv=None) -> int:
@@ -115,36 +129,41 @@ def main(argv=None) -> int:
     bf16 = bf16_usable(model.get_output_embeddings())
     msd_reads = total - head // 2 if bf16 else total
     kv_tok = kv_bytes_per_token(model)
+    one_thread = torch.get_num_threads() == 1  # CPU seconds then measure time on the core
     bw = read_bandwidth(a.bandwidth_mib << 20, 5)
     print(f"model {folder if real else 'synthetic benchmark model'}: {total / 1e6:.1f} MB of float32 weights "
           f"(head {head / 1e6:.1f} MB); msd's bfloat16 head {'used' if bf16 else 'not used (no native bfloat16)'}; "
-          f"read bandwidth {bw / 1e9:.2f} GB/s ({a.bandwidth_mib} MiB sum, best of 5, "
-          f"{torch.get_num_threads()} threads)", flush=True)
+          f"read bandwidth {bw[0] / 1e9:.2f} GB/s wall, {bw[1] / 1e9:.2f} GB/s CPU clock ({a.bandwidth_mib} MiB "
+          f"sum, best of 5, {torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for batch in [int(b) for b in a.batches.split(",")]:
         rows = real_queries(batch)
         prompts = [builder.student(r["en"]) for r in rows]
-        best = {"msd": (float("inf"), 0), "generate": (float("inf"), 0)}
+        best = {"msd": [float("inf"), float("inf"), 0], "generate": [float("inf"), float("inf"), 0]}
         for rep in range(a.reps):  # alternate; the order flips each repetition
             for name in (("msd", "generate") if rep % 2 == 0 else ("generate", "msd")):
-                fn = timed_msd if name == "msd" else timed_plain
-                s, steps = per_step(fn, model, tok, prompts, a.new_tokens)
-                best[name] = min(best[name], (s, steps))
+                wall, cpu, steps = per_step(timed_msd if name == "msd" else timed_plain, model, tok, prompts,
+                                            a.new_tokens)
+                b = best[name]
+                b[0], b[1], b[2] = min(b[0], wall), min(b[1], cpu), max(b[2], steps)
         ctx = sum(len(p) for p in prompts) / batch + a.new_tokens / 2  # mean context while decoding
         kv = kv_tok * batch * ctx
-        bw_now = read_bandwidth(a.bandwidth_mib << 20, 5)
-        bw = max(bw, bw_now)  # the best seen: the floor is what the machine can do
-        for name, (s, steps) in best.items():
+        now = read_bandwidth(a.bandwidth_mib << 20, 5)
+        bw = (max(bw[0], now[0]), max(bw[1], now[1]))  # the best seen: what the machine can do
+        for name, (wall, cpu, steps) in best.items():
             reads = msd_reads if name == "msd" else total
-            floor, floor_kv = reads / bw, (reads + kv) / bw
-            results.append((batch, name, s / floor))
-            print(f"batch {batch} {name:8s}: {s * 1e3:7.1f} ms/step over {steps} steps; floor {floor * 1e3:6.1f} ms "
-                  f"({reads / 1e6:.0f} MB of weights), {floor_kv * 1e3:6.1f} ms with the KV cache "
-                  f"({kv / 1e6:.1f} MB); ratio {s / floor:.2f} ({s / floor_kv:.2f} with KV)", flush=True)
-    print(f"read bandwidth used for the floors: {bw / 1e9:.2f} GB/s; load average at the end "
-          f"{os.getloadavg()[0]:.1f} (times are upper bounds on a shared machine)")
+            floor_w, floor_c = reads / bw[0], reads / bw[1]
+            ratio = cpu / floor_c if one_thread else wall / floor_w
+            results.append((batch, name, ratio))
+            print(f"batch {batch} {name:8s}: {wall * 1e3:7.1f} ms/step wall, {cpu * 1e3:7.1f} ms CPU, {steps} steps; "
+                  f"floor {floor_w * 1e3:6.1f} ms wall / {floor_c * 1e3:6.1f} ms CPU ({reads / 1e6:.0f} MB of weights; "
+                  f"+{kv / 1e6:.1f} MB of KV cache: {(reads + kv) / bw[1] * 1e3:.1f} ms CPU); ratio "
+                  f"{wall / floor_w:.2f} wall, {cpu / floor_c:.2f} CPU ({cpu / ((reads + kv) / bw[1]):.2f} with KV)",
+                  flush=True)
+    print(f"read bandwidth for the floors: {bw[0] / 1e9:.2f} GB/s wall, {bw[1] / 1e9:.2f} GB/s CPU clock; "
+          f"load average at the end {os.getloadavg()[0]:.1f} (times are upper bounds on a shared machine)")
     for batch, name, ratio in results:
-        print(f"decode_vs_floor_b{batch}_{'msd' if name == 'msd' else 'generate'}={ratio:.2f}")
+        print(f"decode_vs_floor_b{batch}_{name}={ratio:.2f}")
     return 0
 
 

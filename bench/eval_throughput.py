@@ -59,40 +59,43 @@ def queries(n: int, real: bool = False, seed: int = 0):
     return out
 
 
-def run_msd(model, tok, tuples, a) -> tuple[float, dict]:
+def run_msd(model, tok, tuples, a) -> tuple[float, float, dict]:
     from msd.eval.judges import get_judge
     from msd.eval.safety import evaluate
 
     out = Path(tempfile.mkdtemp(prefix="msd-eval-bench-"))
     try:
+        c0 = time.process_time()  # the whole evaluate call: generation, judging, records
         evaluate(model, tok, tuples, [a.lang], get_judge("keyword"), out, benchmark="bench",
                  max_new_tokens=a.new_tokens, batch_size=a.batch, progress=False)
+        cpu = time.process_time() - c0
         seconds = json.loads((out / "run.json").read_text())["throughput"]["generate_seconds"]
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-        return seconds, {r["query_id"]: r["response"] for r in records}
+        return seconds, cpu, {r["query_id"]: r["response"] for r in records}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 @torch.no_grad()
-def run_plain(model, tok, tuples, a) -> tuple[float, dict]:
+def run_plain(model, tok, tuples, a) -> tuple[float, float, dict]:
     from msd.generation import eos_ids
     from msd.prompts import PromptBuilder
 
     builder = PromptBuilder(tok)
     prompts = [builder.student(t.texts[a.lang]) for t in tuples]  # the ids msd generates from
     eos = sorted(eos_ids(model, tok))
-    out, seconds = {}, 0.0
+    out, seconds, cpu = {}, 0.0, 0.0
     for start in range(0, len(tuples), a.batch):
         enc = tok.pad({"input_ids": prompts[start:start + a.batch]}, return_tensors="pt")  # left padding
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gen = model.generate(**enc, max_new_tokens=a.new_tokens, do_sample=False, eos_token_id=eos,
                              pad_token_id=tok.pad_token_id)
         seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         for t, row in zip(tuples[start:start + a.batch], gen[:, enc["input_ids"].shape[1]:].tolist()):
             cut = next((i + 1 for i, x in enumerate(row) if x in eos), len(row))
             out[t.id] = tok.decode(row[:cut], skip_special_tokens=True)
-    return seconds, out
+    return seconds, cpu, out
 
 
 def main(argv=None) -> int:
@@ -118,12 +121,14 @@ def main(argv=None) -> int:
     # Warm-up (allocator, lazy initialisation), not timed.
     run_msd(model, tok, tuples[: a.batch], a)
     run_plain(model, tok, tuples[: a.batch], a)
-    msd_s, plain_s = [], []
+    msd_s, plain_s, msd_c, plain_c = [], [], [], []
     for _ in range(a.runs):
-        s, msd_out = run_msd(model, tok, tuples, a)
+        s, c, msd_out = run_msd(model, tok, tuples, a)
         msd_s.append(s)
-        s, plain_out = run_plain(model, tok, tuples, a)
+        msd_c.append(c)
+        s, c, plain_out = run_plain(model, tok, tuples, a)
         plain_s.append(s)
+        plain_c.append(c)
     same = sum(msd_out[k] == plain_out[k] for k in msd_out)
     m, p = statistics.median(msd_s), statistics.median(plain_s)
     print(f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; torch {torch.__version__}, "
@@ -133,6 +138,11 @@ def main(argv=None) -> int:
     print(f"msd eval generation: {m:.2f} s ({a.prompts / m:.2f} generations/s), runs {[round(x, 2) for x in msd_s]}")
     print(f"plain model.generate: {p:.2f} s ({a.prompts / p:.2f} generations/s), runs {[round(x, 2) for x in plain_s]}")
     print(f"identical greedy responses: {same}/{len(msd_out)}")
+    # With one thread, CPU seconds are the time spent on a core: on a shared machine the wall
+    # time also counts waiting for one (msd's CPU time includes judging and writing records).
+    mc, pc = statistics.median(msd_c), statistics.median(plain_c)
+    print(f"CPU seconds: msd {mc:.2f}, plain {pc:.2f} ({torch.get_num_threads()} threads); "
+          f"eval_speedup_cpu={pc / mc:.2f}")
     print(f"eval_speedup={p / m:.2f}")
     return 0
 
