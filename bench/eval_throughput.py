@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     # With one thread, CPU seconds are the time spent on a core: on a shared machine the wall
     # time also counts waiting for one (msd's CPU time includes judging and writing records).
     mc, pc = statistics.median(msd_c), statistics.median(plain_c)
-    print(f"CPU seconds: msd {mc:.2f}, plain {pc:.2f} ({torch.get_num_threads()} threads); "
+    print(f"CPU seconds: msd {mc:.2f} (runs {[round(x, 2) for x in msd_c]}), plain {pc:.2f} "
+          f"(runs {[round(x, 2) for x in plain_c]}), {torch.get_num_threads()} threads; "
           f"eval_speedup_cpu={pc / mc:.2f}")
     print(f"eval_speedup={p / m:.2f}")
     return 0
