@@ -1,19 +1,30 @@
-"""Shared pieces of the benchmarks: the benchmark model, its queries, and memory probes.
+"""Shared pieces of the benchmarks: the benchmark model (or a real one), its queries, the
+machine's description, and memory probes.
 
 The benchmark model is a random-initialised Qwen2-style decoder with the real Qwen vocabulary
 size (151,936), so the full-vocabulary distributions cost what they cost on a real Qwen model,
 while the backbone stays small enough for a 2-core CPU. Its word-level tokenizer has one
-(meaningless) word per vocabulary id, so every sampled id decodes.
+(meaningless) word per vocabulary id, so every sampled id decodes. `--model NAME` in a benchmark
+takes any model msd accepts instead (`smollm2`, a folder, a GGUF file), with its own tokenizer
+and real queries (PolyRefuse's benign prompts, English and Spanish).
+
+Every benchmark prints `machine_line()` first: CPU speed claims hold for one instruction set
+(the bfloat16 head of msd's CPU decoding needs AVX512-BF16 or AMX), so each figure names its CPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 from pathlib import Path
 
 QWEN_VOCAB = 151_936
+# The instruction sets CPU figures depend on: AVX2 (float32 GEMMs), AVX-512, and native bfloat16
+# (msd's bfloat16 head runs only where one of the last two is present).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+REAL_QUERY_LANG = "es"  # the student language of the real queries
 LORA = dict(r=16, alpha=32, dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 # Sizes of the benchmark model (about 43M parameters, 39M of them in the tied embedding).
@@ -72,13 +83,18 @@ def load_bench_tokenizer(folder: str | Path):
     return tok
 
 
-def write_bench_queries(path: str | Path, n: int, words_per_query: int, seed: int = 0) -> Path:
-    """n parallel (en, jv) queries of exactly `words_per_query` filler words each."""
+def write_bench_queries(path: str | Path, n: int, words_per_query: int, seed: int = 0,
+                        real: bool = False) -> Path:
+    """n parallel (en, jv) queries of exactly `words_per_query` filler words each; real=True:
+    `real_queries(n)` instead."""
     import random
 
     rng = random.Random(seed)
     path = Path(path)
     with open(path, "w", encoding="utf-8") as f:
+        if real:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in real_queries(n))
+            return path
         for i in range(n):
             en = " ".join(f"w{rng.randrange(100_000)}" for _ in range(words_per_query))
             jv = " ".join(f"w{rng.randrange(100_000)}" for _ in range(words_per_query))
@@ -96,3 +112,65 @@ def rss_mib() -> float:
 def peak_rss_mib() -> float:
     """Peak resident set size of this process since it started, MiB (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """'<CPU model name>; avx2 yes, avx512f yes, avx512_bf16 no, amx_bf16 no' from /proc/cpuinfo
+    (`cpuinfo`: its text, for tests); elsewhere the platform's processor name, flags unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return f"{platform.processor() or platform.machine()}; instruction sets unknown"
+    fields = {}
+    for line in cpuinfo.splitlines():  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    if not flags:
+        return f"{name}; instruction sets unknown"
+    return f"{name}; " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+
+
+def machine_line() -> str:
+    """One line naming what the figures were measured on: CPU and instruction sets, torch's CPU
+    kernel level, cores, threads, load average."""
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (f"machine: {cpu_description()}; torch {torch.__version__} "
+            f"(CPU kernels {torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch threads, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
+def resolve_model(name: str | None, workdir: str | Path) -> tuple[Path, bool]:
+    """(model folder, real?): `name` resolved as msd resolves `--model` (a model source such
+    as `smollm2`, a folder, a GGUF file), or the synthetic benchmark model when None."""
+    if name is None:
+        return make_bench_model(Path(workdir) / "model_small", **SMALL), False
+    from msd.models import resolve_model_path
+
+    return Path(resolve_model_path(name)), True
+
+
+def bench_tokenizer(folder: str | Path, real: bool):
+    """A real model's tokenizer as msd loads it (its chat template checked, left padding), or
+    the benchmark model's word-level one."""
+    if not real:
+        return load_bench_tokenizer(folder)
+    from msd.config import ModelConfig
+    from msd.models import load_tokenizer
+
+    return load_tokenizer(str(folder), ModelConfig(name_or_path=str(folder)))
+
+
+def real_queries(n: int) -> list[dict]:
+    """The first n of PolyRefuse's benign prompts: {"id", "en", REAL_QUERY_LANG} (both texts
+    present), so a real model reads real text of varied length."""
+    from msd.data.sets.polyrefuse import load
+
+    rows = [t for t in load("harmless", ["en", REAL_QUERY_LANG]) if REAL_QUERY_LANG in t.texts]
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} benign PolyRefuse prompts, {n} asked for")
+    return [{"id": t.id, "en": t.texts["en"], REAL_QUERY_LANG: t.texts[REAL_QUERY_LANG]} for t in rows[:n]]

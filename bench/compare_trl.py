@@ -3,13 +3,17 @@
     python bench/compare_trl.py                     # LoRA pair + full fine-tuning pair (~7 min)
     python bench/compare_trl.py --gkd               # also TRL's GKDTrainer (~9 min in all)
     python bench/compare_trl.py --pairs lora --reps 3 --threads 2
+    python bench/compare_trl.py --model smollm2     # a real model (any --model msd accepts)
 
 Both sides: the same random-initialised Qwen2-style model (about 43M parameters, real Qwen
 vocabulary of 151,936 ids, tied embeddings, float32), the same batch of queries, prompt length,
 response length (`max_new_tokens`; a random model practically never samples EOS, so every
 response is full length), on-policy sampling at temperature 1, reverse KL, the same LoRA config
 (r 16, alpha 32, all attention and MLP projections) or full fine-tuning, AdamW at the same
-learning rate.
+learning rate. With `--model NAME` both sides take that model (resolved as msd resolves
+`--model`: `smollm2`, a folder, a GGUF file) with its own tokenizer and chat template, and the
+queries are PolyRefuse's benign prompts (Spanish for the student, English for msd's teacher);
+a real model stops at its end of turn, so responses may be shorter than `--new-tokens`.
 
 - msd: `msd.train.train` with its defaults (teacher = the adapter-disabled student, chunked
   loss, rollout with LoRA merged into the weights, DPSW weights).
@@ -51,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import (LORA, SMALL, load_bench_tokenizer, make_bench_model, peak_rss_mib, rss_mib,  # noqa: E402
+from _common import (LORA, bench_tokenizer, machine_line, peak_rss_mib, resolve_model, rss_mib,  # noqa: E402
                      write_bench_queries)
 
 
@@ -114,9 +118,20 @@ def _worker_msd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
         return accumulate_stats(*args, **kw)
 
     mt.micro_batch, mt_logs.accumulate_stats = timed_micro_batch, timed_stats
-    result = train(cfg, model=model, tokenizer=load_bench_tokenizer(model_dir), progress=False, resume=False)
+    result = train(cfg, model=model, tokenizer=bench_tokenizer(model_dir, a.model is not None), progress=False,
+                   resume=False)
     CPU_TIMES[:] = cpu[a.warmup:]
     return [h["step_s"] for h in result.history[a.warmup:]]
+
+
+def _student_text(row: dict) -> str:
+    """The student's query of a benchmark row: its one non-English text."""
+    return next(v for k, v in row.items() if k not in ("id", "en"))
+
+
+def _queries_file(a) -> Path:
+    return Path(a.workdir) / (f"queries_real_{a.model.replace('/', '_')}.jsonl" if a.model
+                              else f"queries_{a.prompt_words}.jsonl")
 
 
 def _worker_trl(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
@@ -125,7 +140,7 @@ def _worker_trl(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     from trl import DistillationConfig, DistillationTrainer
 
     rows = [json.loads(line) for line in qfile.read_text().splitlines()]
-    data = [{"prompt": [{"role": "user", "content": r["jv"]}]} for r in rows]
+    data = [{"prompt": [{"role": "user", "content": _student_text(r)}]} for r in rows]
     return _run_trl(a, model_dir, out_dir, DistillationTrainer, DistillationConfig, data,
                     max_completion_length=a.new_tokens, top_p=1.0, top_k=0,
                     gradient_checkpointing=not a.no_gc)
@@ -139,7 +154,7 @@ def _worker_gkd(a, model_dir: Path, qfile: Path, out_dir: Path) -> list[float]:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rows = [json.loads(line) for line in qfile.read_text().splitlines()]
-    data = [{"messages": [{"role": "user", "content": r["jv"]}, {"role": "assistant", "content": "w1"}]}
+    data = [{"messages": [{"role": "user", "content": _student_text(r)}, {"role": "assistant", "content": "w1"}]}
             for r in rows]
     return _run_trl(a, model_dir, out_dir, GKDTrainer, GKDConfig, data, lmbda=1.0,
                     max_new_tokens=a.new_tokens, gradient_checkpointing=not a.no_gc)
@@ -170,7 +185,7 @@ def _run_trl(a, model_dir: Path, out_dir: Path, trainer_cls, config_cls, rows: l
     times: list[float] = []
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=load_bench_tokenizer(model_dir), peft_config=peft_cfg,
+                          processing_class=bench_tokenizer(model_dir, a.model is not None), peft_config=peft_cfg,
                           callbacks=[_StepTimer(times, sync)])
     trainer.train()
     CPU_TIMES[:] = CPU_TIMES[a.warmup:]
@@ -183,8 +198,8 @@ def worker(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     work = Path(a.workdir)
-    model_dir = Path(a.model_dir) if a.model_dir else work / "model_small"
-    qfile = work / f"queries_{a.prompt_words}.jsonl"
+    model_dir = Path(a.model_dir) if a.model_dir else resolve_model(a.model, work)[0]
+    qfile = _queries_file(a)
     out_dir = work / f"run_{a.worker}_{'lora' if a.lora else 'full'}_{os.getpid()}"
     # Import everything the run needs before the baseline is taken.
     if a.worker == "msd":
@@ -219,7 +234,7 @@ def run_one(a, impl: str, lora: bool, rep: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--json-out", str(out),
            "--workdir", a.workdir, "--batch", str(a.batch), "--prompt-words", str(a.prompt_words),
            "--new-tokens", str(a.new_tokens), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--threads", str(a.threads)] + (["--lora"] if lora else [])
+           "--threads", str(a.threads)] + (["--lora"] if lora else []) + (["--model", a.model] if a.model else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     if a.threads:
@@ -273,7 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=list(LABELS), help=argparse.SUPPRESS)
     ap.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="any model msd accepts (e.g. smollm2); default: the synthetic benchmark model")
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)  # a synthetic model's folder (bench/gpu_check.py)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -281,11 +297,13 @@ def main(argv=None) -> int:
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    make_bench_model(work / "model_small", **SMALL)
-    write_bench_queries(work / f"queries_{a.prompt_words}.jsonl", 256, a.prompt_words)
+    model_dir, real = resolve_model(a.model, work)
+    write_bench_queries(_queries_file(a), 256, a.prompt_words, real=real)
     import trl
 
-    print(f"compare_trl: batch {a.batch}, {a.prompt_words}-word queries, {a.new_tokens} new tokens, "
+    print(machine_line())
+    print(f"compare_trl: model {model_dir if real else 'synthetic benchmark model'}, batch {a.batch}, "
+          f"{'PolyRefuse benign' if real else f'{a.prompt_words}-word'} queries, {a.new_tokens} new tokens, "
           f"{a.steps} timed + {a.warmup} warm-up steps x {a.reps} processes, threads {a.threads}, "
           f"trl {trl.__version__}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
           flush=True)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from _common import QWEN2_1_5B, make_bench_model, write_bench_queries  # noqa: E402
+from _common import QWEN2_1_5B, machine_line, make_bench_model, write_bench_queries  # noqa: E402
 from profile_step import run_phases, setup  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     qfile = write_bench_queries(work / f"queries_{a.prompt_tokens - TEMPLATE_TOKENS}.jsonl", 64,
                                 a.prompt_tokens - TEMPLATE_TOKENS)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none (CPU fallback, tiny model)"
+    print(machine_line())
     print(f"gpu_check: device {gpu}; torch {torch.__version__}; batch {a.batch}, {a.prompt_tokens} "
           f"prompt + {a.new_tokens} new tokens, {a.steps} timed + {a.warmup} warm-up steps", flush=True)
     msd = run_msd(a, model_dir, qfile, device)

@@ -130,7 +130,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
     a = p.parse_args()
+    from _common import machine_line
     from msd.testing import make_tiny_model
+
+    print(machine_line())
 
     work = Path(tempfile.mkdtemp(prefix="msd_scale_"))
     model = make_tiny_model(work / "model", hidden=a.hidden, layers=4, heads=8)

@@ -113,6 +113,9 @@ def main(argv=None):
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
+    from _common import machine_line
+
+    print(machine_line())
     argv = sys.argv[1:] if argv is None else list(argv)
     rows = []
     for variant in ("plain", "chunked"):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from _common import LORA, SMALL, load_bench_tokenizer, make_bench_model, write_bench_queries  # noqa: E402
+from _common import LORA, SMALL, load_bench_tokenizer, machine_line, make_bench_model, write_bench_queries  # noqa: E402
 
 PHASES = ("generate", "score", "backward", "optimizer")
 
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     mean = {p: sum(v) / len(v) for p, v in times.items()}
     total = sum(mean.values())
+    print(machine_line())
     print(f"threads={torch.get_num_threads()} batch={a.batch} new_tokens={a.new_tokens} "
           f"lora={not a.full_ft} chunk={a.chunk_size}")
     for p, m in mean.items():

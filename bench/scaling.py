@@ -104,6 +104,9 @@ def main(argv=None) -> int:
         rows += points
         xs = [p[dim] for p in points]
         fits[dim] = {k: slope(xs, [p[k] for p in points]) for k in ("step_s", "peak_mib")}
+    from _common import machine_line
+
+    print(machine_line())
     print(f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; base {BASE}; backbone {BACKBONE}")
     print("| B | T | V | step (s) | scoring (s) | step peak above set-up (MiB) |")
     print("|---|---|---|---|---|---|")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import LORA, SMALL, make_bench_model, peak_rss_mib, rss_mib  # noqa: E402
+from _common import LORA, SMALL, machine_line, make_bench_model, peak_rss_mib, rss_mib  # noqa: E402
 
 
 def storage_bytes(*modules) -> int:
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
                "--batch", str(a.batch), "--new-tokens", str(a.new_tokens)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         recs[variant] = json.loads(out.strip().splitlines()[-1])
+    print(machine_line())
     print("| teacher | parameter bytes (MiB) | peak RSS MiB | peak - import baseline MiB |")
     print("|---|---|---|---|")
     for v, r in recs.items():
