@@ -161,7 +161,7 @@ def peer_loss_reported(accelerator):
 
 
 @contextlib.contextmanager
-def writer_lock(folder, accelerator, kind: str, *, fresh: bool = False):
+def writer_lock(folder, accelerator, kind: str = "train", *, fresh: bool = False):
     """The output folder's lock, claimed for `kind` (msd.lock.output_lock), held by the
     accelerator's main process (the one that writes the shared files) for the whole run. A
     refusal reaches every process, so none is left waiting for a main process that stopped."""
