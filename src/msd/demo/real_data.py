@@ -11,7 +11,6 @@ no generation after training, and it is measured on the same prompts in every la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,31 +173,19 @@ def answer_loglik(model, tokenizer, reference: list[dict], batch: int = 16) -> l
 
 def capability(base: list[float], trained: list[float], reference: list[dict]) -> dict:
     """Per language: mean log-likelihood per token of the base answers, before and after, and
-    the mean paired change with a 95% t interval over prompts."""
+    the mean paired change with a 95% t interval over prompts (msd.eval.stats)."""
+    from msd.eval.stats import t_interval
+
     by_lang: dict[str, list[tuple[float, float]]] = {}
     for b, t, r in zip(base, trained, reference):
         by_lang.setdefault(r["lang"], []).append((b, t))
     out = {}
     for lang, pairs in by_lang.items():
-        d = [t - b for b, t in pairs]
-        n = len(d)
-        mean = sum(d) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-        half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+        change = t_interval([t - b for b, t in pairs])
+        n = len(pairs)
         out[lang] = {"before": sum(b for b, _ in pairs) / n, "after": sum(t for _, t in pairs) / n,
-                     "change": mean, "change_ci95": [mean - half, mean + half], "n": n}
+                     "change": change["mean"], "change_ci95": change["ci95"] or [float("nan")] * 2, "n": n}
     return out
-
-
-def t_quantile(df: int) -> float:
-    """The two-sided 95% Student t quantile (scipy when present, else a close approximation)."""
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:  # Cornish-Fisher expansion around the normal quantile
-        z = 1.959963984540054
-        return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def samples(out: Path, langs: list[str], k: int) -> dict:
