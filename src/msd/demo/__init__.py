@@ -134,7 +134,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--model", default="organism", choices=["organism", *REAL_DEMOS],
                    help="organism (default: the embedded model organism) or a real pretrained chat "
-                        "model: smollm2 (SmolLM2-135M-Instruct on PolyRefuse; docs/REAL_MODEL.md)")
+                        "model: smollm2 (SmolLM2-135M-Instruct, MSD on Javanese MultiJail queries; docs/REAL_MODEL.md)")
     p.add_argument("--ablations", action="store_true",
                    help="also rerun the paper's comparisons (on/off-policy, DPSW/uniform, "
                         "rkl/fkl/jsd, teacher contexts, top-K) and write ablations.md")
