@@ -213,5 +213,11 @@ def same_everywhere(value, what: str, difference) -> None:
     values = gather_objects(value)
     other = next((i for i, v in enumerate(values) if v != values[0]), None)
     if other is not None:
+        # Every process stops here; its process group goes first, so no gloo thread is left to
+        # abort the exit (a rank once died with SIGABRT after printing the line).
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         raise MsdError(f"{what} differs between process 0 and process {other}"
                        f"{difference(values[0], values[other])}; give every process the same one")
