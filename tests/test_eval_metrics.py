@@ -104,6 +104,8 @@ def test_share_cut_at_the_token_limit_per_language():
     assert m["bn"]["truncated"] == 3 and m["bn"]["truncated_rate"] == 0.75
     assert m["en"]["truncated"] == 1 and m["en"]["truncated_rate"] == 0.5  # benign answers count too
     assert m["average"]["truncated"] == 4 and m["average"]["truncated_rate"] == pytest.approx(0.625)
+    assert m["bn"]["n_truncated_rate"] == 4 and m["bn"]["ci95_truncated_rate"] == M.wilson(3, 4)
+    assert m["average"]["ci95_truncated_rate"] == M.wilson(0.625 * 6, 6)
 
 
 def test_records_that_do_not_say_leave_the_cut_share_unknown_not_zero():
@@ -112,3 +114,4 @@ def test_records_that_do_not_say_leave_the_cut_share_unknown_not_zero():
     assert m["sw"]["truncated_rate"] == 1.0 and m["average"]["truncated_rate"] == 1.0
     old = M.compute([rec("jv", "1", "safe")])
     assert old["average"]["truncated"] is None and old["average"]["truncated_rate"] is None
+    assert "ci95_truncated_rate" not in m["jv"] and "ci95_truncated_rate" not in old["average"]

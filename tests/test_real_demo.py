@@ -4,6 +4,7 @@ run end to end on a tiny random model (the SmolLM2 run itself is measured in doc
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -93,3 +94,24 @@ def test_baselines_run_beside_msd_in_one_table(tiny_demo, tmp_path):
         assert summary["baselines"][name]["bn"]["n"] == 3
     report = (out / "report.md").read_text()
     assert "## Baselines" in report and "| sft |" in report and "| dpo |" in report
+    rate = re.compile(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]")
+    rows = [line.strip("|").split("|") for line in report.splitlines()
+            if line.startswith(("| sft |", "| dpo |", "| msd_on_policy |"))]
+    assert len(rows) == 3 and all(rate.fullmatch(cell.strip()) for row in rows for cell in row[1:]), rows
+
+
+def test_every_rate_of_the_real_demo_has_an_interval(tiny_demo, tmp_path, capsys):
+    from msd.demo.real_report import print_table
+
+    summary = run_real_demo(tiny_demo, tmp_path / "out", progress=False)
+    capsys.readouterr()
+    print_table(summary)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("en ", "bn ", "sw "))]
+    assert len(printed) == 3 and all(line.count("[") == 3 for line in printed), printed
+    report = (tmp_path / "out" / "report.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
+            if line.startswith(("| en ", "| bn ", "| sw "))]
+    rows = [cells for cells in rows if len(cells) == 9]  # the main table: language, role, 7 rates
+    assert len(rows) == 3, rows
+    for cells in rows:  # cut at the limit: before → after, each with its interval
+        assert cells[-1].count("[") == 2 and "n/a" not in cells[-1], cells

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from msd.errors import MsdError
+from msd.eval import metrics as M
 from msd.eval import records as rec
 from msd.report import build, load_inputs, safety_table, top_tokens
 
@@ -208,8 +209,10 @@ def test_report_gives_the_share_cut_at_the_token_limit(tmp_path):
     assert "Answers cut at the token limit (max_new_tokens 64)" in md
     sw = next(line for line in md.splitlines() if line.startswith("| sw (Swahili) | unknown"))
     n_sw = sum(r["truncated"] for r in rs)
-    assert f"| {100 * n_sw / 11:.1f} ({n_sw}) |" in sw
-    assert "| en (English) | unknown | 0.0 (0) |" in md
+    lo, hi = M.wilson(n_sw, 11)
+    assert f"| {100 * n_sw / 11:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({n_sw}) |" in sw
+    lo, hi = M.wilson(0, 11)  # a share of 0 still has an upper bound
+    assert f"| en (English) | unknown | 0.0 [{100 * lo:.1f}, {100 * hi:.1f}] (0) |" in md
     assert "cut at token limit % new" in (tmp_path / "r" / "report.html").read_text()
 
 

@@ -93,6 +93,15 @@ def test_paired_report_gives_the_exact_mcnemar_p_and_holm_significance(tmp_path,
     assert saved["qab"]["significant"] and not saved["qac"]["significant"]
 
 
+def test_paired_report_prints_the_significance_on_the_terminal(tmp_path, known, capsys):
+    code, _ = report(tmp_path, *known)
+    out = capsys.readouterr().out
+    assert code == 0 and "paired change in ASR, A -> B" in out and "Holm over 3 languages" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and "(" in line}
+    assert rows["qab"][-1] == "yes" and rows["qac"][-1] == "no" and rows["en"][-1] == "no"
+    assert "30 / 0" in " ".join(rows["qab"])
+
+
 def test_paired_report_is_significant_only_after_holm(tmp_path):
     # Each language alone: b = 6, c = 0, p = 0.03125 < 0.05; Holm over three: 0.094 -> not significant.
     attacked = {lang: list(range(6)) for lang in N}
@@ -139,6 +148,19 @@ def test_every_rate_in_the_report_has_an_interval(tmp_path, known):
                 assert all(re.fullmatch(RATE, p) for p in parts), (title, head, row[j])
                 checked += len(parts)
     assert checked >= 4 * 2 * 3 + 2 * 2 * 4  # ASR, unsafe, invalid, benign refusal, fidelity, paired
+
+
+def test_the_share_cut_at_the_token_limit_has_an_interval_or_says_unknown(tmp_path):
+    a = write_eval(tmp_path / "A", {}, N)  # no truncated field
+    b = write_eval(tmp_path / "B", {}, N, truncated=True)  # q0 cut: 1 of the 40 records that say
+    _, out = report(tmp_path, a, b)
+    rows = table_after((out / "report.md").read_text(), "Answers cut at the token limit")
+    assert len(rows) == 1 + 3 + 1
+    for row in rows[1:]:
+        assert row[1] == "unknown"
+        assert re.fullmatch(RATE + r" \(\d+\)", row[2]), row
+    lo, hi = scipy_stats.binomtest(1, 40).proportion_ci(method="wilson")
+    assert rows[1][2] == f"2.5 [{100 * lo:.1f}, {100 * hi:.1f}] (1)"
 
 
 def test_report_says_how_rates_were_computed(tmp_path):

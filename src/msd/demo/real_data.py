@@ -106,7 +106,7 @@ def rates(m: dict) -> dict:
 
     out = {"asr": m.get("asr"), "asr_ci95": m.get("ci95"), "n": m.get("n"),
            "n_benign": m.get("n_benign"), "fidelity": m.get("fidelity"),
-           "truncated": m.get("truncated_rate")}
+           "truncated": m.get("truncated_rate"), "truncated_ci95": m.get("ci95_truncated_rate")}
     for key in ("benign_refusal", "fidelity"):
         if m.get(key) is not None and m.get("n_benign"):
             out[f"{key}_ci95"] = wilson(m[key] * m["n_benign"], m["n_benign"])

@@ -78,7 +78,7 @@ def table(summary: dict) -> str:
                 f"{fmt_rate(a[c], 'benign_refusal', 'benign_refusal_ci95')} | "
                 f"{fmt_rate(b[c], 'fidelity_all', 'fidelity_all_ci95')} → {fmt_rate(a[c], 'fidelity_all', 'fidelity_all_ci95')} | "
                 f"{fmt_rate(b[c], 'fidelity', 'fidelity_ci95')} → {fmt_rate(a[c], 'fidelity', 'fidelity_ci95')} | "
-                f"{_share(b[c].get('truncated'))} → {_share(a[c].get('truncated'))} |")
+                f"{_share(b[c])} → {_share(a[c])} |")
     if "xstest_en" in a:
         x0, x1 = b["xstest_en"], a["xstest_en"]
         lines.append(f"| XSTest safe (en) | benign | | | | {fmt_rate(x0, 'benign_refusal', 'benign_refusal_ci95')} → "
@@ -86,8 +86,9 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _share(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _share(m: dict) -> str:
+    """The share cut at the token limit, with its interval; n/a where the records do not say."""
+    return "n/a" if m.get("truncated") is None else fmt_rate(m, "truncated", "truncated_ci95")
 
 
 def plot(summary: dict, path: Path) -> Path:
@@ -159,21 +160,38 @@ def write(out: Path, summary: dict) -> None:
 
 
 def print_table(summary: dict) -> None:
+    """The table on the terminal; the after rates with their Wilson 95% intervals."""
     b, a, t = summary["before"], summary["after"], summary["teacher_before"]
-    print(f"\n{'lang':<6}{'role':<9}{'ASR before':>11}{'teacher':>9}{'after':>7}{'benign ref.':>14}{'fidelity all':>14}")
+    print(f"\n{'lang':<6}{'role':<9}{'ASR before':>11}{'teacher':>9}{'ASR after [95%]':>20}"
+          f"{'benign refusal [95%]':>30}{'fidelity, all [95%]':>30}")
     for role, codes in summary["languages"].items():
         for c in codes:
             tt = t.get(c, {}).get("asr")
-            print(f"{c:<6}{role:<9}{b[c]['asr']:>11.2f}{'' if tt is None else f'{tt:.2f}':>9}{a[c]['asr']:>7.2f}"
-                  f"{_pair(b[c]['benign_refusal'], a[c]['benign_refusal']):>14}"
-                  f"{_pair(b[c].get('fidelity_all'), a[c].get('fidelity_all')):>14}")
+            print(f"{c:<6}{role:<9}{b[c]['asr']:>11.2f}{'' if tt is None else f'{tt:.2f}':>9}"
+                  f"{fmt_rate(a[c], 'asr', 'asr_ci95'):>20}"
+                  f"{_pair(b[c], a[c], 'benign_refusal'):>30}{_pair(b[c], a[c], 'fidelity_all'):>30}")
     failed = [c["claim"] for c in summary["checks"] if not c["pass"]]
     print(f"\nchecks: {len(summary['checks']) - len(failed)}/{len(summary['checks'])} pass"
           + (f"; failing: {'; '.join(failed)}" if failed else ""))
 
 
-def _pair(x, y) -> str:
-    return "–" if x is None or y is None else f"{x:.2f} -> {y:.2f}"
+def _pair(before: dict, after: dict, key: str) -> str:
+    if before.get(key) is None or after.get(key) is None:
+        return "–"
+    return f"{before[key]:.2f} -> {fmt_rate(after, key, key + '_ci95')}"
+
+
+def _mean_rate(rows: list[dict], key: str) -> str:
+    """The mean of a benign rate over languages with the Wilson interval of the mean on the total
+    n (msd.eval.metrics' convention for averages)."""
+    from msd.eval.metrics import wilson
+
+    known = [r for r in rows if r.get(key) is not None and r.get("n_benign")]
+    if not known:
+        return "–"
+    mean, n = sum(r[key] for r in known) / len(known), sum(r["n_benign"] for r in known)
+    lo, hi = wilson(mean * n, n)
+    return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def real_baseline_table(summary: dict) -> str:
@@ -182,9 +200,7 @@ def real_baseline_table(summary: dict) -> str:
     lines = ["| method | " + " | ".join(f"ASR {c}" for c in langs) + " | benign refusal (mean) | fidelity (mean) |",
              "|---|" + "---|" * (len(langs) + 2)]
     for name, rows in summary["baselines"].items():
-        ref = [rows[c]["benign_refusal"] for c in langs if rows[c].get("benign_refusal") is not None]
-        fid = [rows[c]["fidelity"] for c in langs if rows[c].get("fidelity") is not None]
         cells = [fmt_rate(rows[c], "asr", "asr_ci95") for c in langs]
-        cells += [f"{sum(v) / len(v):.2f}" if v else "–" for v in (ref, fid)]
+        cells += [_mean_rate([rows[c] for c in langs], key) for key in ("benign_refusal", "fidelity")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -96,15 +96,17 @@ def _n(summary: dict) -> str:
 
 
 def print_table(summary: dict) -> None:
+    """The table on the terminal: before -> after, the after rates with their Wilson 95%
+    intervals (benign refusal at its worst split, fidelity at its worst)."""
     from msd import languages
 
     b, a = summary["before"], summary["after"]
-    print(f"\n{'language':<16}{'role':<9}{'ASR held-out':>16}{'ASR train-int.':>16}"
-          f"{'benign refusal':>16}{'fidelity':>10}")
+    print(f"\n{'language':<16}{'role':<9}{'ASR held-out [95%]':>28}{'ASR train-intents [95%]':>28}"
+          f"{'benign refusal [95%]':>24}{'fidelity [95%]':>24}")
     for role, codes in summary["languages"].items():
         for c in codes:
-            held = f"{b['heldout_queries'][c]['asr']:.2f} -> {a['heldout_queries'][c]['asr']:.2f}"
-            tr = f"{b['train_queries'][c]['asr']:.2f} -> {a['train_queries'][c]['asr']:.2f}"
-            ref = max(a[s][c]["benign_refusal"] or 0 for s in a)
-            fid = min(a[s][c]["fidelity"] or 0 for s in a)
-            print(f"{c + ' ' + languages.get(c).name:<16}{role:<9}{held:>16}{tr:>16}{ref:>16.2f}{fid:>10.2f}")
+            held = f"{b['heldout_queries'][c]['asr']:.2f} -> {fmt_ci(a['heldout_queries'][c])}"
+            tr = f"{b['train_queries'][c]['asr']:.2f} -> {fmt_ci(a['train_queries'][c])}"
+            ref = fmt_ci(max((a[s][c] for s in a), key=lambda m: m["benign_refusal"] or 0), "benign_refusal")
+            fid = fmt_ci(min((a[s][c] for s in a), key=lambda m: m["fidelity"] or 0), "fidelity")
+            print(f"{c + ' ' + languages.get(c).name:<16}{role:<9}{held:>28}{tr:>28}{ref:>24}{fid:>24}")

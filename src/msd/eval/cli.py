@@ -214,15 +214,20 @@ def _run_info(args) -> dict:
 
 
 def _print_table(metrics: dict, kind: str) -> None:
-    keys = ("asr", "unsafe_rate", "invalid_rate", "n") if kind == "safety" else ("benign_refusal", "fidelity", "n_benign")
+    """Each rate with its Wilson 95% interval, and the records behind it."""
+    from msd.eval.metrics import interval
+
+    keys = ("asr", "unsafe_rate", "invalid_rate") if kind == "safety" else ("benign_refusal", "fidelity")
     keys += ("truncated_rate",)  # answers cut at --max-new-tokens
-    print("lang      " + "  ".join(f"{k:>14}" for k in keys))
+    count = "n" if kind == "safety" else "n_benign"
+    print(f"{'lang':<10}" + "".join(f"{k + ' [95%]':>24}" for k in keys) + f"{count:>10}")
     for lang, m in metrics.items():
         cells = []
         for k in keys:
-            v = m.get(k)
-            cells.append(f"{'-':>14}" if v is None else f"{v:>14.3f}" if isinstance(v, float) else f"{v:>14}")
-        print(f"{lang:<10}" + "  ".join(cells))
+            v, ci = m.get(k), interval(m, k)
+            text = "-" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            cells.append(f"{text:>24}")
+        print(f"{lang:<10}" + "".join(cells) + f"{m.get(count, '-')!s:>10}")
 
 
 # ----------------------------------------------------------------------------- commands

@@ -119,4 +119,19 @@ def run_report(args) -> int:
         files = build(args.dirs, args.out, labels=labels, samples=args.samples)
     for name, path in files.items():
         print(f"{name:>16}: {path}")
+    if "paired" in files:
+        import json
+
+        for cmp in json.loads(files["paired"].read_text()):
+            _print_paired(cmp)
     return 0
+
+
+def _print_paired(cmp: dict) -> None:
+    """The paired table of one comparison on the terminal, as report.md has it."""
+    rows = paired_rows(cmp)
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    print(f"\npaired change in ASR, {cmp['a']} -> {cmp['b']} ({cmp['benchmark']}, {cmp['pairs']} pairs; "
+          f"McNemar exact, Holm over {len(cmp['languages'])} languages):")
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))

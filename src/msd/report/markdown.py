@@ -67,12 +67,14 @@ def _cut(m: dict) -> str:
         return "–"
     if m.get("truncated_rate") is None:  # records written before msd recorded it
         return "unknown"
-    return f"{100 * m['truncated_rate']:.1f} ({m['truncated']})"
+    ci = m.get("ci95_truncated_rate")
+    band = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+    return f"{100 * m['truncated_rate']:.1f}{band} ({m['truncated']})"
 
 
 def truncation_table(runs: list[EvalRun]) -> list[list[str]]:
-    """Per-language share of answers cut at the token limit (count in brackets), one column per
-    run; `unknown` where the records do not say, never 0."""
+    """Per-language share of answers cut at the token limit with its Wilson 95% interval (the count
+    in parentheses), one column per run; `unknown` where the records do not say, never 0."""
     rows = [["language"] + [f"cut at token limit % {r.label}" for r in runs]]
     for key in ordered_langs(runs) + [M.AVERAGE]:
         ms = [r.metrics.get(key, {}) for r in runs]
