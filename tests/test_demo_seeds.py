@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from msd.demo import seeds as S
@@ -65,6 +66,11 @@ def test_seed_table_intervals_and_paired_tests_equal_scipy(tmp_path):
     c = sum(max(0, o - a) for a, o in zip(BASE, OFF))
     assert (test["mcnemar"]["b"], test["mcnemar"]["c"]) == (b, c)
     assert test["mcnemar"]["p"] == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue)
+    # a rerun of 3 new seeds: the t prediction interval of the differences' mean
+    d = [v - u for u, v in zip(x, y)]
+    lo, hi = scipy_stats.t.interval(0.95, 4, loc=sum(d) / 5, scale=np.std(d, ddof=1) * (1 / 5 + 1 / 3) ** 0.5)
+    assert test["rerun"]["3"] == pytest.approx([max(-1, lo), min(1, hi)])
+    assert base["mean"]["asr_unseen"]["rerun"]["10"][0] <= base["mean"]["asr_unseen"]["ci95"][0]
     # sft has one seed: its Wilson interval, and McNemar on its seed (b = 4 - 1, c = 0)
     sft = table["variants"]["sft"]
     assert sft["mean"]["asr_unseen"]["ci95"] is None
@@ -76,6 +82,8 @@ def test_seed_table_intervals_and_paired_tests_equal_scipy(tmp_path):
                                            else max(2 * one["p"], test["p"]))
     md = (tmp_path / "seeds.md").read_text()
     assert "| msd_off_policy | 5 |" in md and "0.05 [W " in md
+    rerun = test["rerun"]["5"]
+    assert f"| [{rerun[0]:+.3f}, {rerun[1]:+.3f}] |" in md and "rerun, 5 new seeds" in md
     assert json.loads((tmp_path / "seeds.json").read_text())["variants"]["msd_off_policy"]["seeds"] == [0, 1, 2, 3, 4]
 
 

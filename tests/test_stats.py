@@ -38,6 +38,25 @@ def test_t_interval_equals_scipy():
     assert stats.t_interval([0.3])["ci95"] is None
 
 
+def test_rerun_interval_equals_scipy_and_covers_new_seeds():
+    values = [0.18, 0.23, 0.15, 0.31, 0.02, 0.19, 0.27, 0.12, 0.2, 0.08]
+    n, m = len(values), 5
+    scale = np.std(values, ddof=1) * np.sqrt(1 / n + 1 / m)
+    lo, hi = scipy_stats.t.interval(0.95, n - 1, loc=np.mean(values), scale=scale)
+    assert stats.rerun_interval(values, m) == pytest.approx([lo, hi], abs=1e-10)
+    assert stats.rerun_interval([0.3], 5) is None
+    # What it promises: the mean of m new seeds falls inside 95% of the time (normal seeds).
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(2000):
+        old, new = rng.normal(0.2, 0.1, size=7), rng.normal(0.2, 0.1, size=3)
+        lo, hi = stats.rerun_interval(list(old), 3)
+        hits += lo <= new.mean() <= hi
+    assert 0.93 < hits / 2000 < 0.97
+    # ... and the interval of the mean alone (t_interval) would not: it ignores the new seeds' noise.
+    assert stats.t_interval(values)["ci95"][1] < stats.rerun_interval(values, 3)[1]
+
+
 def test_paired_t_test_equals_scipy():
     x = [0.18, 0.23, 0.15, 0.31, 0.02, 0.19]
     y = [0.52, 0.40, 0.02, 0.54, 0.33, 0.21]

@@ -13,6 +13,11 @@ by seed number: the test that counts training noise), and Holm's correction over
 a column. For the ASR columns also the exact McNemar test on the pooled (seed, language, query)
 pairs: it tests these trained models on these queries, not the training method, so it is shown
 but not used for the claims.
+
+Rerun intervals ("rerun": {m: [lo, hi]} for m in RERUN_SEEDS): where the mean of m new seeds
+should fall, the Student t prediction interval from the seeds run (msd.eval.stats.rerun_interval),
+for each variant's mean and each difference with on-policy MSD: what a reader who reruns a claim
+with new seeds (`msd demo --seed 100 --seeds 5 ...`) can check it against.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ COLUMNS = (("asr_train_intents", "ASR train-intents (trained langs)"),
            ("asr_english", "ASR held-out (English)"), ("benign_refusal", "benign refusal"),
            ("fidelity", "fidelity"))
 BASE = "msd_on_policy"
+RERUN_SEEDS = (1, 3, 5, 10)
+RERUN_SHOWN = 5  # the markdown's rerun column: the mean of 5 new seeds
 SPLITS = ("train_queries", "heldout_queries")
 # column -> (splits, language roles) of the records behind it; asr columns read harmful records
 SCOPE = {"asr_train_intents": (("train_queries",), ("trained",)),
@@ -116,10 +123,21 @@ def pooled(by_seed: dict[int, dict], column: str) -> dict:
     return {"k": sum(values), "n": len(values), "ci95": wilson(sum(values), len(values))}
 
 
+def _rerun(values: list[float], lo: float, hi: float) -> dict:
+    """{m: prediction interval of the mean of m new seeds, cut to [lo, hi]} (empty under 2 values)."""
+    out = {}
+    for m in RERUN_SEEDS:
+        ci = stats.rerun_interval(values, m)
+        if ci:
+            out[str(m)] = [max(lo, ci[0]), min(hi, ci[1])]
+    return out
+
+
 def _summary(values: list[float]) -> dict:
     out = {"values": values, **stats.t_interval(values)}
     if out["ci95"]:  # every column is a rate: a t interval past 0 or 1 is cut there
         out["ci95"] = [max(0.0, out["ci95"][0]), min(1.0, out["ci95"][1])]
+    out["rerun"] = _rerun(values, 0.0, 1.0)
     out["ci95_bootstrap"] = stats.bootstrap_mean_interval(values)["ci95"]
     return out
 
@@ -142,8 +160,9 @@ def compare(base: dict[int, dict], other: dict[int, dict], column: str) -> dict 
     out = {"seeds": seeds, "mcnemar": {"pairs": len(xs), "b": b, "c": c, "p": stats.mcnemar_exact(b, c)}}
     if len(pairs) >= 2:
         x, y = [a for a, _ in pairs], [b for _, b in pairs]
+        diffs = [b - a for a, b in pairs]
         out.update(test="paired t over seeds", **stats.paired_t_test(x, y),
-                   ci95=stats.t_interval([b - a for a, b in pairs])["ci95"])
+                   ci95=stats.t_interval(diffs)["ci95"], rerun=_rerun(diffs, -1.0, 1.0))
     else:
         boot = stats.paired_bootstrap_diff(xs, ys) if xs else {"ci95": None}
         out.update(test="exact McNemar (one seed)", diff=pairs[0][1] - pairs[0][0],
@@ -185,6 +204,10 @@ def _interval(m: dict | None) -> str:
     return f"{m['mean']:.2f} [{tag}{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def _span(ci: list[float] | None) -> str:
+    return "–" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def _p(p: float) -> str:
     return "<1e-4" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
 
@@ -202,9 +225,10 @@ def markdown(table: dict) -> str:
               "interval of the per-seed differences), or with a single seed the exact McNemar test "
               "(Δ interval: paired bootstrap over queries); Holm over the variants of each column; "
               "* = significant at 5% after Holm. McNemar: exact test on the pooled (seed, language, "
-              "query) pairs, b = outcome 1 for on-policy only, c = for the variant only.", "",
+              f"query) pairs, b = outcome 1 for on-policy only, c = for the variant only. Rerun: where "
+              f"the Δ mean of {RERUN_SHOWN} new seeds should fall (95% t prediction interval).", "",
               "| variant | column | seeds | Δ mean [95% interval] | p | p Holm | "
-              "McNemar b / c, p |", "|---|---|---|---|---|---|---|"]
+              f"McNemar b / c, p | rerun, {RERUN_SHOWN} new seeds |", "|---|---|---|---|---|---|---|---|"]
     for name, e in table["variants"].items():
         for col, title in COLUMNS:
             t = e["vs_base"].get(col)
@@ -215,7 +239,8 @@ def markdown(table: dict) -> str:
             lines.append(f"| {name} | {title} | {len(t['seeds'])} | {t['diff']:+.3f} "
                          + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" | {_p(t['p'])} | "
                          f"{_p(t['p_holm'])}{' *' if t['significant'] else ''} | "
-                         + (f"{mc['b']} / {mc['c']}, {_p(mc['p'])}" if mc else "–") + " |")
+                         + (f"{mc['b']} / {mc['c']}, {_p(mc['p'])}" if mc else "–") + " | "
+                         + _span((t.get("rerun") or {}).get(str(RERUN_SHOWN))) + " |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@
                                      percentile interval from resampling the items (pairs kept)
     t_interval(values)               mean over seeds with a Student t interval
     bootstrap_mean_interval(values)  mean over seeds with a percentile bootstrap interval
+    rerun_interval(values, m)        where the mean of m new seeds should fall (t prediction)
     paired_t_test(x, y)              two-sided paired t test (seeds paired by seed number)
     holm(pvalues)                    Holm's step-down adjustment for a family of tests
 
@@ -142,6 +143,21 @@ def t_interval(values: list[float], level: float = LEVEL) -> dict:
         return {"mean": mean, "ci95": None, "n": n, "sd": None}
     half = t_ppf(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "sd": sd}
+
+
+def rerun_interval(values: list[float], m: int, level: float = LEVEL) -> list[float] | None:
+    """Where the mean of `m` new seeds should fall: the Student t prediction interval
+    mean ± t(n-1) · sd · sqrt(1/n + 1/m) from the n seeds run (None under 2 values). The check a
+    reader can make of a claim by rerunning it with new seeds."""
+    if m < 1:
+        raise ValueError("m must be at least 1")
+    values = [float(v) for v in values]
+    n = len(values)
+    if n < 2:
+        return None
+    mean, sd = _mean_sd(values)
+    half = t_ppf(1 - (1 - level) / 2, n - 1) * sd * math.sqrt(1 / n + 1 / m)
+    return [mean - half, mean + half]
 
 
 def bootstrap_mean_interval(values: list[float], *, B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED,
