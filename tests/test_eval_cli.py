@@ -69,6 +69,8 @@ def test_unknown_benchmark_hint():
     (["--judge-model", "gpt"], "--judge-model do(es) not apply to --judge keyword"),
     (["--benchmark", "nofile.jsonl"], "query file not found"),
     (["--backend", "nope"], "--backend: unknown generation backend 'nope'"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:7"], "--device: device 'cuda:7' is not available ("),
 ])
 def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
     from msd.cli import main

@@ -189,3 +189,24 @@ def test_demo_warns_of_emulated_bf16(tmp_path, cpu, capsys, monkeypatch):
     assert err.startswith("msd: warning: model.dtype=bfloat16: this CPU has no bfloat16") and err.count("\n") == 1
     assert msd.demo.run_demo(tmp_path / "demo") == {"ran": True}
     assert capsys.readouterr().err == ""
+
+
+def test_the_device_setting_names_a_visible_device_or_is_one_line(monkeypatch):
+    import torch
+
+    from msd.models import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert machine.resolve_device("auto") == "cuda" and machine.resolve_device("CUDA:1") == "cuda:1"
+    assert machine.resolve_device("cpu") == "cpu"
+    with pytest.raises(MsdError, match=r"device 'cuda:2' is not available \(2 GPUs visible\)"):
+        machine.resolve_device("cuda:2")
+    # auto dtype follows where the model runs: bfloat16 on the GPU, float32 on the CPU beside it
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert machine.resolve_device("auto") == "cpu"
+    with pytest.raises(MsdError, match="no GPU is visible here"):
+        machine.resolve_device("cuda")

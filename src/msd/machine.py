@@ -61,6 +61,29 @@ def device_type() -> str:
     return "cuda"
 
 
+def resolve_device(name: str, key: str = "--device") -> str:
+    """A device setting -> the device a single-process run loads its model on: 'auto' =
+    `device_type()`; 'cpu'; 'cuda' or 'cuda:N' when that GPU is visible (else one line)."""
+    import re
+
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return device_type()
+    if name == "cpu":
+        return "cpu"
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise MsdError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N", key)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(match.group(1) or 0)
+    if index >= count:
+        seen = f"{count} GPU{'s' if count != 1 else ''} visible" if count else "no GPU is visible here"
+        raise MsdError(f"device {name!r} is not available ({seen}); use auto or cpu", key)
+    return name
+
+
 def _env_int(names, default: int) -> int:
     for name in names:
         value = os.environ.get(name, "").strip()

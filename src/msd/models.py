@@ -28,17 +28,20 @@ MODEL_SOURCES: Registry[Callable[[], str | Path]] = Registry("model source", whe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device=None) -> torch.dtype:
+    """'auto' = bfloat16 where the model will run on a GPU that supports it, else float32;
+    `device`: where it will run (None: a GPU when one is visible)."""
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if on_gpu and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return DTYPES[name]
 
 
-def dtype_label(name: str) -> str:
+def dtype_label(name: str, device=None) -> str:
     """A dtype setting as a run's first line shows it: 'auto (float32)', 'bfloat16'."""
-    return name if name != "auto" else f"auto ({str(resolve_dtype(name)).removeprefix('torch.')})"
+    return name if name != "auto" else f"auto ({str(resolve_dtype(name, device)).removeprefix('torch.')})"
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
@@ -95,7 +98,7 @@ def load_model(model_cfg, adapter: str | None = None, device=None, *, path: str 
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(model_cfg.name_or_path, getattr(model_cfg, "gguf_file", None))
-    kwargs = dict(dtype=resolve_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code,
+    kwargs = dict(dtype=resolve_dtype(model_cfg.dtype, device), trust_remote_code=model_cfg.trust_remote_code,
                   use_safetensors=True)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation

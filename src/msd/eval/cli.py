@@ -82,6 +82,9 @@ def _model_args(p) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model repo's own Python code to run (off unless you trust it)")
     g.add_argument("--chat-template", help="Jinja chat template (file or text) instead of the tokenizer's")
+    g.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when one is visible, else the CPU), cpu, "
+                        "cuda or cuda:N (default: auto)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads of torch; 0 = MSD_THREADS or OMP_NUM_THREADS if set, else the cores "
                         "this process may use (default: 0)")
@@ -187,7 +190,9 @@ def load_model(args):
 
     cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       chat_template=args.chat_template)
-    return load_model_and_tokenizer(cfg, adapter=args.adapter)
+    from msd.machine import resolve_device
+
+    return load_model_and_tokenizer(cfg, adapter=args.adapter, device=resolve_device(args.device))
 
 
 def start(args, command: str, settings: dict) -> None:
@@ -197,10 +202,10 @@ def start(args, command: str, settings: dict) -> None:
 
     if args.threads < 0:
         raise MsdError(f"must be at least 0, got {args.threads}", "--threads")
+    args.device = machine.resolve_device(args.device)  # load_model puts the model there
     bf16 = {"--dtype bfloat16": "--dtype float32"} if args.dtype == "bfloat16" else {}
-    # device: msd eval generates where load_model leaves the model, on the CPU
-    machine.start(command, {"--dtype": dtype_label(args.dtype), **settings}, threads=args.threads,
-                  threads_key="--threads", bf16=bf16, strict=args.strict, device="cpu")
+    machine.start(command, {"--dtype": dtype_label(args.dtype, args.device), **settings}, threads=args.threads,
+                  threads_key="--threads", bf16=bf16, strict=args.strict, device=args.device)
 
 
 def _identity(args) -> dict:
