@@ -206,5 +206,8 @@ def _run_seeds(args) -> int:
     with output_lock(args.out, "demo"), torch_threads(auto_threads()):
         table = run_seeds(Path(args.out), seeds, names, args.overrides, args.eval_limit,
                           args.cache_dir, progress=not args.quiet)
+    from msd.demo.seedtable import print_table
+
+    print_table(table)
     print(f"seed table: {Path(args.out) / 'seeds.md'} ({len(table['variants'])} variants)")
     return 0

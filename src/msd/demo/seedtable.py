@@ -244,6 +244,23 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def print_table(table: dict) -> None:
+    """The means over seeds on the terminal, then the differences with on-policy MSD that are
+    significant after Holm (all of them are in seeds.md)."""
+    short = ("ASR train-int.", "ASR held-out", "ASR unseen", "ASR English", "benign refusal", "fidelity")
+    width = max([len(n) for n in table["variants"]] + [7])
+    print(f"\n{'variant':<{width}}  seeds" + "".join(f"{t:>22}" for t in short))
+    for name, e in table["variants"].items():
+        print(f"{name:<{width}}  {len(e['seeds']):>5}"
+              + "".join(f"{_interval(e['mean'].get(c)):>22}" for c, _ in COLUMNS))
+    found = [(name, title, t) for name, e in table["variants"].items() for col, title in COLUMNS
+             if (t := e["vs_base"].get(col)) and t["significant"]]
+    print(f"\nsignificant against {table['base']} after Holm (5%): "
+          + ("none" if not found else ""))
+    for name, title, t in found:
+        print(f"  {name}, {title}: Δ {t['diff']:+.3f}, p {_p(t['p'])} (Holm {_p(t['p_holm'])}; {t['test']})")
+
+
 def folder_table(folders: dict[str, Path], base: str, seed: int) -> dict | None:
     """The table of one seed's runs (name -> evaluation folder with <split>/records.jsonl), or
     None when `base` has no records (the other folders that have none are left out)."""
