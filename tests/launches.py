@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,11 @@ from pathlib import Path
 
 import torch
 
+from msd.testing.processes import descendants, free_port  # noqa: F401 (tests import free_port from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(model_dir, queries, out, batch, **extra) -> list[str]:
@@ -86,23 +82,6 @@ class Launch:
         self.kill()
         out, _ = self.proc.communicate()
         assert marker.exists(), out[-4000:]
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes started (transitively) by `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def shares(output: str) -> list[tuple[int, int]]:

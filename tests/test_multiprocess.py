@@ -10,7 +10,6 @@ docs/PERFORMANCE.md), which msd refuses.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,10 @@ from safetensors.torch import load_file
 
 from msd.config import load_config
 from msd.errors import MsdError
+from msd.testing.processes import free_port
 from msd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(model_dir, queries, out, batch):
@@ -46,7 +40,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, peaky_mo
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "msd.cli", "train", "--quiet", *_overrides(tiny_model_dir, query_file, two, 2)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
