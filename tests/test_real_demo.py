@@ -54,6 +54,22 @@ def test_the_real_demo_writes_every_stage_and_its_checks(tiny_demo, tmp_path, ca
         assert text in report
     claims = [c["claim"] for c in summary["checks"]]
     assert any(c.startswith("bn: held-out ASR moves at least half-way") for c in claims)
+    # paired tests on the same held-out queries, recomputed here from the stage folders' records
+    from msd.eval import records as rec
+    from msd.eval import stats
+
+    assert set(summary["paired"]) == {"teacher prompt vs before", "MSD: after vs before"}
+    attacked = {stage: {(r["lang"], r["query_id"]): r["label"] in ("unsafe", "invalid")
+                        for r in rec.load_records(out / stage / "heldout") if r.get("harmful", True)}
+                for stage in ("before", "after")}
+    rows = {r["lang"]: r for r in summary["paired"]["MSD: after vs before"]["languages"]}
+    assert set(rows) == {"en", "bn", "sw"}
+    for lang, row in rows.items():
+        keys = sorted(k for k in attacked["before"] if k[0] == lang)
+        b, c = stats.discordant([attacked["before"][k] for k in keys], [attacked["after"][k] for k in keys])
+        assert (row["n"], row["b"], row["c"]) == (3, b, c) and row["p"] == stats.mcnemar_exact(b, c)
+    assert {r["lang"] for r in summary["paired"]["teacher prompt vs before"]["languages"]} == {"bn", "sw"}
+    assert "## Paired changes in held-out ASR" in report and "### MSD: after vs before" in report
     assert "held-out queries never appear in training" in claims
 
 
@@ -98,6 +114,8 @@ def test_baselines_run_beside_msd_in_one_table(tiny_demo, tmp_path):
     rows = [line.strip("|").split("|") for line in report.splitlines()
             if line.startswith(("| sft |", "| dpo |", "| msd_on_policy |"))]
     assert len(rows) == 3 and all(rate.fullmatch(cell.strip()) for row in rows for cell in row[1:]), rows
+    assert set(summary["paired"]) == {"teacher prompt vs before", "MSD: after vs before", "sft vs MSD", "dpo vs MSD"}
+    assert "### dpo vs MSD" in report
 
 
 def test_every_rate_of_the_real_demo_has_an_interval(tiny_demo, tmp_path, capsys):
@@ -106,12 +124,14 @@ def test_every_rate_of_the_real_demo_has_an_interval(tiny_demo, tmp_path, capsys
     summary = run_real_demo(tiny_demo, tmp_path / "out", progress=False)
     capsys.readouterr()
     print_table(summary)
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("en ", "bn ", "sw "))]
+    terminal = capsys.readouterr().out
+    printed = [line for line in terminal.splitlines() if line.startswith(("en ", "bn ", "sw "))]
     assert len(printed) == 3 and all(line.count("[") == 3 for line in printed), printed
+    assert "paired change in held-out ASR" in terminal and "  MSD: after vs before: en " in terminal
     report = (tmp_path / "out" / "report.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
             if line.startswith(("| en ", "| bn ", "| sw "))]
-    rows = [cells for cells in rows if len(cells) == 9]  # the main table: language, role, 7 rates
+    rows = [cells for cells in rows if cells[1] in ("english", "trained", "unseen")]  # the main table
     assert len(rows) == 3, rows
     for cells in rows:  # cut at the limit: before → after, each with its interval
         assert cells[-1].count("[") == 2 and "n/a" not in cells[-1], cells

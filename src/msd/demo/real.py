@@ -101,6 +101,7 @@ def run_real_demo(name: str, out: Path, seed: int = 0, overrides=(), progress: b
     summary["wall_seconds"] = round(time.time() - t_start, 1)
     summary["torch_threads"] = torch.get_num_threads()
     summary["checks"] = real_report.checks(summary)
+    summary["paired"] = real_data.paired_changes(out)
     summary["samples"] = real_data.samples(out, every, spec.samples)
     atomic_write_json(out / "summary.json", summary)
     real_report.plot(summary, out / "asr_before_after.png")
@@ -110,6 +111,7 @@ def run_real_demo(name: str, out: Path, seed: int = 0, overrides=(), progress: b
         from msd.demo.real_baselines import real_model_baselines
 
         summary["baselines"] = real_model_baselines(out, cfg, data, spec, seed, progress, summary)
+        summary["paired"] = real_data.paired_changes(out, [n for n in summary["baselines"] if n != "msd_on_policy"])
         atomic_write_json(out / "summary.json", summary)
         real_report.write(out, summary)
     return summary

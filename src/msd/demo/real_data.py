@@ -207,3 +207,21 @@ def samples(out: Path, langs: list[str], k: int) -> dict:
                                         "response": stages[s][(lang, i)].get("response", "")[:240]}
                                     for s in stages if (lang, i) in stages[s]}} for i in ids]
     return shown
+
+
+def paired_changes(out: Path, baselines: list[str] = ()) -> dict:
+    """Exact McNemar tests per language on the held-out harmful queries, Holm over the languages
+    (msd.report.paired): the teacher prompt against the student prompt before training, MSD
+    (after) against before, and each baseline against MSD. name -> comparison."""
+    from msd.report.paired import compare_runs
+    from msd.report.runs import load_eval_run
+
+    def run(folder: Path, label: str):
+        return load_eval_run(folder / "heldout", label)
+
+    before, after = run(out / "before", "before"), run(out / "after", "after MSD")
+    result = {"teacher prompt vs before": compare_runs(before, run(out / "teacher_before", "teacher prompt")),
+              "MSD: after vs before": compare_runs(before, after)}
+    for name in baselines:
+        result[f"{name} vs MSD"] = compare_runs(after, run(out / "baselines" / name / "eval", name))
+    return result

@@ -141,6 +141,7 @@ def write(out: Path, summary: dict) -> None:
     for c, v in cap.items():
         lo, hi = v["change_ci95"]
         lines.append(f"| {c} | {v['before']:.3f} | {v['after']:.3f} | {v['change']:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={v['n']}) |")
+    lines += paired_section(summary.get("paired") or {})
     lines += ["", "## Checks", ""]
     lines += [f"- [{'x' if c['pass'] else ' '}] {c['claim']}: `{json.dumps(c['values'])}`" for c in summary["checks"]]
     if summary.get("baselines"):
@@ -159,6 +160,21 @@ def write(out: Path, summary: dict) -> None:
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
+def paired_section(paired: dict) -> list[str]:
+    """report.md's paired tests: one table per comparison, on the same held-out queries."""
+    from msd.report.markdown import markdown_table
+    from msd.report.paired import paired_note, paired_rows
+
+    if not paired:
+        return []
+    lines = ["", "## Paired changes in held-out ASR", "",
+             "The same held-out harmful queries under two conditions, per language: Δ with a paired "
+             "bootstrap 95% interval, the exact McNemar test, Holm over the languages of each table."]
+    for name, cmp in paired.items():
+        lines += ["", f"### {name}", "", markdown_table(paired_rows(cmp)), "", paired_note(cmp)]
+    return lines
+
+
 def print_table(summary: dict) -> None:
     """The table on the terminal; the after rates with their Wilson 95% intervals."""
     b, a, t = summary["before"], summary["after"], summary["teacher_before"]
@@ -170,6 +186,12 @@ def print_table(summary: dict) -> None:
             print(f"{c:<6}{role:<9}{b[c]['asr']:>11.2f}{'' if tt is None else f'{tt:.2f}':>9}"
                   f"{fmt_rate(a[c], 'asr', 'asr_ci95'):>20}"
                   f"{_pair(b[c], a[c], 'benign_refusal'):>30}{_pair(b[c], a[c], 'fidelity_all'):>30}")
+    if summary.get("paired"):
+        print("\npaired change in held-out ASR (exact McNemar, Holm over languages; * significant at 5%):")
+        for name, cmp in summary["paired"].items():
+            print(f"  {name}: " + "; ".join(
+                f"{r['lang']} {r['diff']:+.2f} (p {r['p']:.2g}, Holm {r['p_holm']:.2g}{' *' if r['significant'] else ''})"
+                for r in cmp["languages"]))
     failed = [c["claim"] for c in summary["checks"] if not c["pass"]]
     print(f"\nchecks: {len(summary['checks']) - len(failed)}/{len(summary['checks'])} pass"
           + (f"; failing: {'; '.join(failed)}" if failed else ""))
