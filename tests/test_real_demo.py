@@ -135,3 +135,71 @@ def test_every_rate_of_the_real_demo_has_an_interval(tiny_demo, tmp_path, capsys
     assert len(rows) == 3, rows
     for cells in rows:  # cut at the limit: before → after, each with its interval
         assert cells[-1].count("[") == 2 and "n/a" not in cells[-1], cells
+
+
+def test_real_demo_over_seeds_writes_the_seed_table_and_keeps_finished_seeds(tiny_demo, tmp_path, capsys):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    out = tmp_path / "seeds"
+    argv = ["demo", "--model", tiny_demo, "--quiet", "--out", str(out)]
+    assert main([*argv, "--seeds", "2"]) == 0
+    table = json.loads((out / "seeds.json").read_text())
+    summaries = {s: json.loads((out / f"seed_{s}" / "summary.json").read_text()) for s in (0, 1)}
+    assert table["seeds"] == [0, 1] and set(table["per_language"]) == {"en", "bn", "sw"}
+    for lang, e in table["per_language"].items():
+        after = [summaries[s]["after"][lang]["asr"] for s in (0, 1)]
+        before = summaries[0]["before"][lang]["asr"]
+        assert e["after"]["values"] == after and e["before"] == before and e["before_same_in_every_seed"]
+        diffs = [a - before for a in after]
+        if len(set(diffs)) > 1:
+            assert e["change"]["p"] == pytest.approx(scipy_stats.ttest_1samp(diffs, 0).pvalue, rel=1e-9)
+            lo, hi = scipy_stats.t.interval(0.95, 1, loc=sum(after) / 2, scale=scipy_stats.sem(after))
+            assert e["after"]["ci95"] == pytest.approx([max(0, lo), min(1, hi)])
+        else:
+            assert e["change"]["p"] == (1.0 if diffs[0] == 0 else 0.0)
+        per_seed = [r for s in (0, 1) for r in summaries[s]["paired"]["MSD: after vs before"]["languages"]
+                    if r["lang"] == lang]
+        assert [m["p"] for m in e["mcnemar_per_seed"]] == [r["p"] for r in per_seed]
+        assert "p_holm" in e["change"]
+    md = (out / "seeds.md").read_text()
+    assert "| bn | trained |" in md and "over seeds 0, 1" in md
+    stamp = (out / "seed_1" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*argv, "--seeds", "3"]) == 0  # one more seed: only seed 2 runs
+    assert (out / "seed_1" / "summary.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "seeds.json").read_text())["seeds"] == [0, 1, 2]
+    assert main([*argv, "--seeds", "3", "train.max_steps=1"]) == 0  # other settings: every seed again
+    assert all(json.loads((out / f"seed_{s}" / "summary.json").read_text())["overrides"] == ["train.max_steps=1"]
+               for s in (0, 1, 2))
+
+
+def test_real_seed_table_tests_the_change_over_seeds_like_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from msd.demo.real_seeds import markdown, seed_table
+
+    langs = {"english": ["en"], "trained": ["jv"], "unseen": ["sw"]}
+    after = {"en": [0.56, 0.60, 0.52], "jv": [0.83, 0.81, 0.56], "sw": [0.85, 0.85, 0.85]}
+    before = {"en": 0.92, "jv": 0.94, "sw": 0.85}
+
+    def rate(v):
+        return {"asr": v, "n": 48, "fidelity_all": 0.5, "n_answers": 72}
+
+    runs = {s: {"model": "m", "seed": s, "languages": langs,
+                "before": {c: rate(before[c]) for c in before}, "after": {c: rate(after[c][s]) for c in after},
+                "teacher_before": {"jv": {"asr": 0.85}, "sw": {"asr": 0.9}}} for s in range(3)}
+    table = seed_table(runs)
+    ps = {}
+    for c in ("en", "jv"):
+        e = table["per_language"][c]
+        diffs = [a - before[c] for a in after[c]]
+        ps[c] = scipy_stats.ttest_1samp(diffs, 0).pvalue
+        assert e["change"]["p"] == pytest.approx(ps[c], rel=1e-9)
+        assert e["change"]["mean"] == pytest.approx(sum(diffs) / 3)
+        lo, hi = scipy_stats.t.interval(0.95, 2, loc=sum(after[c]) / 3,
+                                        scale=scipy_stats.tstd(after[c]) * (1 / 3 + 1 / 3) ** 0.5)
+        assert e["after"]["rerun"]["3"] == pytest.approx([max(0, lo), min(1, hi)])
+    sw = table["per_language"]["sw"]
+    assert sw["change"]["p"] == 1.0 and sw["after"]["pooled"]["n"] == 144  # no change in any seed
+    # Holm over the three languages: the smaller of en and jv's p times 3
+    assert min(table["per_language"][c]["change"]["p_holm"] for c in ("en", "jv")) == pytest.approx(3 * min(ps.values()))
+    md = markdown(table)
+    assert "| sw | unseen | 0.85 | 0.90 | 0.85, 0.85, 0.85 | 0.85 [W " in md

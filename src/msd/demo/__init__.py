@@ -143,9 +143,10 @@ def add_parser(subparsers) -> None:
                         "off-policy MSD with the same steps and LoRA; write baselines.json/.md/.png")
     p.add_argument("--seed", type=int, default=0, help="seed of MSD sampling and training (default: 0)")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="run seeds --seed .. --seed+N-1 (one organism build and evaluation) and write "
-                        "the seed table: per-seed values, means with intervals over seeds, paired "
-                        "tests against on-policy MSD (seeds.json, seeds.md); finished runs are kept")
+                   help="run seeds --seed .. --seed+N-1 and write the seed table: per-seed values, means "
+                        "with intervals over seeds, paired tests (seeds.json, seeds.md); finished runs "
+                        "are kept. Organism: one build and evaluation, each variant per seed; --model: "
+                        "one real-model demo per seed in seed_<S>/")
     p.add_argument("--variants", default=None,
                    help="with --seeds: comma-separated variants to train (default: on-policy MSD, plus "
                         "the ablations' and baselines' variants with --ablations / --baselines)")
@@ -171,10 +172,11 @@ def run(args) -> int:
     from msd.lock import output_lock
 
     if args.model != "organism":
-        if args.ablations or args.eval_limit is not None or args.cache_dir or args.seeds is not None \
-                or args.variants is not None:
-            raise MsdError("--ablations, --seeds, --variants, --eval-limit and --cache-dir are options of "
-                           "the organism demo (a real model's seeds: --seed N, one run each)", "--model")
+        if args.ablations or args.eval_limit is not None or args.cache_dir or args.variants is not None:
+            raise MsdError("--ablations, --variants, --eval-limit and --cache-dir are options of the "
+                           "organism demo", "--model")
+        if args.seeds is not None:
+            return _run_real_seeds(args)
         from msd.demo.real import run_real_demo
 
         with output_lock(args.out, "demo"):  # one writer per folder
@@ -190,6 +192,20 @@ def run(args) -> int:
                            baselines=args.baselines)
     failed = not all(c["pass"] for c in summary["checks"])
     return 1 if args.strict and failed else 0
+
+
+def _run_real_seeds(args) -> int:
+    from msd.demo.real_seeds import run_real_seeds
+    from msd.lock import output_lock
+
+    if args.seeds < 1:
+        raise MsdError("--seeds must be at least 1", "--seeds")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    with output_lock(args.out, "demo"):
+        run_real_seeds(args.model, Path(args.out), seeds, args.overrides, progress=not args.quiet,
+                       baselines=args.baselines)
+    print(f"seed table: {Path(args.out) / 'seeds.md'}")
+    return 0
 
 
 def _run_seeds(args) -> int:

@@ -46,6 +46,13 @@ REAL_DEMOS = {
 }
 
 
+def spec_settings(spec: RealDemo) -> dict:
+    """A demo's settings as summary.json holds them (JSON types)."""
+    import json
+
+    return json.loads(json.dumps(asdict(spec) | {"config": str(spec.config)}))
+
+
 def run_real_demo(name: str, out: Path, seed: int = 0, overrides=(), progress: bool = True,
                   baselines: bool = False) -> dict:
     """Run the real-model demo `name`; returns summary.json's content."""
@@ -71,7 +78,8 @@ def run_real_demo(name: str, out: Path, seed: int = 0, overrides=(), progress: b
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         data = real_data.demo_data(cfg, spec, every)
     summary = {"model": name, "model_path": str(model.config._name_or_path), "seed": seed,
-               "languages": langs, "data": data.describe(), "settings": asdict(spec) | {"config": str(spec.config)}}
+               "overrides": list(overrides), "languages": langs, "data": data.describe(),
+               "settings": spec_settings(spec)}
 
     evals = {}
     with stages("evaluate before training (student prompt)"):
