@@ -123,7 +123,7 @@ def test_demo_seeds_runs_each_seed_and_variant_once(tmp_path, capsys):
     assert "seed 2, sft" in printed and "seed 1, sft" not in printed
     rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith(("msd_on_policy ", "sft "))}
     assert rows["sft"][1] == "3" and rows["msd_on_policy"][1] == "3"  # the means table, with its seeds
-    assert printed.count("[") >= 2 * 6 and "significant against msd_on_policy after Holm (5%): " in printed
+    assert printed.count("[") >= 2 * 6 and "significant against msd_on_policy after Holm (5%):" in printed
     assert (out / "seed_1" / "sft" / "done.json").stat().st_mtime_ns == stamp
 
 

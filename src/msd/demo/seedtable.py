@@ -255,8 +255,7 @@ def print_table(table: dict) -> None:
               + "".join(f"{_interval(e['mean'].get(c)):>22}" for c, _ in COLUMNS))
     found = [(name, title, t) for name, e in table["variants"].items() for col, title in COLUMNS
              if (t := e["vs_base"].get(col)) and t["significant"]]
-    print(f"\nsignificant against {table['base']} after Holm (5%): "
-          + ("none" if not found else ""))
+    print(f"\nsignificant against {table['base']} after Holm (5%):" + ("" if found else " none"))
     for name, title, t in found:
         print(f"  {name}, {title}: Δ {t['diff']:+.3f}, p {_p(t['p'])} (Holm {_p(t['p_holm'])}; {t['test']})")
 
