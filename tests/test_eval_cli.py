@@ -117,3 +117,35 @@ def test_eval_backends_give_the_same_greedy_records_and_log_tokens_per_s(tiny_mo
         assert throughput["tokens"] == sum(r["response_tokens"] for r in rec.load_records(out))
         texts[backend] = [(r["query_id"], r["response"]) for r in rec.load_records(out)]
     assert texts["loop"] == texts["hf"] == texts["compiled"]
+
+
+def test_the_default_token_limit_fits_a_short_context_window(tiny_model_dir, query_file, tmp_path, capsys):
+    """256 new tokens, or what the window leaves after the longest prompt; a chosen limit that
+    does not fit stays an error."""
+    import json
+    import shutil
+
+    from msd.cli import main
+    from msd.eval import records as rec
+
+    model = tmp_path / "short"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["max_position_embeddings"] = 96
+    (model / "config.json").write_text(json.dumps(cfg))
+    argv = ["eval", "safety", "--model", str(model), "--benchmark", query_file, "--judge", "keyword",
+            "--limit", "2", "--quiet", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if line.startswith("msd: --max-new-tokens "))
+    limit = int(note.split()[2].rstrip(":"))
+    longest = int(note.split("longest prompt (")[1].split()[0])
+    assert limit == 96 - longest and 0 < limit < 256 and "context window of 96 tokens" in note
+    assert rec.load_run(tmp_path / "a")["settings"]["max_new_tokens"] == limit
+    assert main([*argv, "--out", str(tmp_path / "b"), "--max-new-tokens", "256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exceeds the model's context window of 96 tokens" in err and "\n" not in err
+    # a window that holds 256 more: the default is 256, and nothing is said
+    assert main([*argv[:3], str(tiny_model_dir), *argv[4:], "--out", str(tmp_path / "c")]) == 0
+    assert "msd: --max-new-tokens" not in capsys.readouterr().out
+    assert rec.load_run(tmp_path / "c")["settings"]["max_new_tokens"] == 256

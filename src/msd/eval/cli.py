@@ -100,7 +100,9 @@ def _common_args(p) -> None:
                         "template, benchmark or settings differ from theirs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="longest response in tokens (default: 256)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest response in tokens (default: 256, or less when the model's context "
+                        "window cannot hold the longest prompt and 256 more)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--num-samples", type=int, default=1, help="responses per query (default: 1)")
@@ -273,10 +275,12 @@ def run_safety(args) -> int:
     backend = _backend(args.backend)
     judge = build_judge(args)
     start(args, f"eval {args.kind}", {"--backend": backend, "--batch-size": args.batch_size,
-                                      "--max-new-tokens": args.max_new_tokens})
+                                      "--max-new-tokens": args.max_new_tokens or "auto"})
     model, tokenizer = load_model(args)
     builder = PromptBuilder(tokenizer, context=args.teacher_context, system_prompt=args.system_prompt,
                             enable_thinking=args.enable_thinking)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = _default_max_new_tokens(model, tokenizer, bench, langs, builder, args)
     kwargs = dict(benchmark=bench.name, prompt_builder=builder, teacher_prompts=args.teacher_prompts,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
@@ -294,6 +298,20 @@ def run_safety(args) -> int:
     _print_throughput(args.out)
     print(f"msd: records and metrics in {args.out}")
     return 0
+
+
+def _default_max_new_tokens(model, tokenizer, bench, langs, builder, args) -> int:
+    """256, or what the context window leaves after the benchmark's longest prompt (one line
+    says so); the limit is recorded in run.json's settings like a chosen one."""
+    from msd.eval.safety import DEFAULT_MAX_NEW_TOKENS, fitting_max_new_tokens
+
+    n, longest, window = fitting_max_new_tokens(model, tokenizer, bench.tuples, langs, builder,
+                                                teacher_prompts=args.teacher_prompts)
+    if 0 < n < DEFAULT_MAX_NEW_TOKENS:
+        print(f"msd: --max-new-tokens {n}: the context window of {window} tokens holds the longest prompt "
+              f"({longest} tokens) and {n} more, not {DEFAULT_MAX_NEW_TOKENS} (set --max-new-tokens to choose)",
+              flush=True)
+    return max(n, 1)  # a prompt that fills the window alone: check_context names it
 
 
 def _print_throughput(out) -> None:

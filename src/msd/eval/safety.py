@@ -213,9 +213,30 @@ def independent_samples(temperature: float, num_samples: int) -> int:
     return num_samples
 
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def fitting_max_new_tokens(model, tokenizer, tuples: list[QueryTuple], langs: list[str], prompt_builder,
+                           teacher_prompts: bool = False, english: str = "en",
+                           wanted: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[int, int, int | None]:
+    """The default token limit for this model and benchmark: `wanted`, or less where the
+    context window cannot hold the longest prompt (over every query and language, not only a
+    --limit's: the same limit however far a run has got) plus `wanted` new tokens.
+    Returns (limit, longest prompt, window); a limit under 1 means the longest prompt alone
+    fills the window (`limits.check_context` then says so)."""
+    window = limits.context_window(model, tokenizer)
+    lengths = [len(prompt_builder.teacher(t.texts[lang], t.texts[english], lang) if teacher_prompts
+                   else prompt_builder.student(t.texts[lang]))
+               for t in tuples for lang in langs if lang in t.texts and (not teacher_prompts or english in t.texts)]
+    longest = max(lengths, default=0)
+    if window is None or longest + wanted <= window:
+        return wanted, longest, window
+    return window - longest, longest, window
+
+
 def evaluate(model, tokenizer, tuples: list[QueryTuple], langs: list[str], judge: Judge,
              out_dir: str | Path, *, benchmark: str, prompt_builder=None, teacher_prompts: bool = False,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
              num_samples: int = 1, batch_size: int = 32, seed: int = 0, limit: int | None = None,
              progress: bool = True, english: str = "en", run_info: dict | None = None,
              generate_fn=None, backend: str = "auto", identity: dict | None = None) -> dict:
