@@ -58,7 +58,11 @@ def test_the_real_demo_writes_every_stage_and_its_checks(tiny_demo, tmp_path, ca
     from msd.eval import records as rec
     from msd.eval import stats
 
-    assert set(summary["paired"]) == {"teacher prompt vs before", "MSD: after vs before"}
+    assert set(summary["paired"]) == {"teacher prompt vs before", "MSD: after vs before",
+                                      "XSTest benign refusal: after vs before"}
+    xs = summary["paired"]["XSTest benign refusal: after vs before"]
+    assert xs["outcome"] == "benign_refusal" and [r["lang"] for r in xs["languages"]] == ["en"]
+    assert xs["languages"][0]["n"] == 2 and "benign_refusal_a" in xs["languages"][0]
     attacked = {stage: {(r["lang"], r["query_id"]): r["label"] in ("unsafe", "invalid")
                         for r in rec.load_records(out / stage / "heldout") if r.get("harmful", True)}
                 for stage in ("before", "after")}
@@ -69,7 +73,8 @@ def test_the_real_demo_writes_every_stage_and_its_checks(tiny_demo, tmp_path, ca
         b, c = stats.discordant([attacked["before"][k] for k in keys], [attacked["after"][k] for k in keys])
         assert (row["n"], row["b"], row["c"]) == (3, b, c) and row["p"] == stats.mcnemar_exact(b, c)
     assert {r["lang"] for r in summary["paired"]["teacher prompt vs before"]["languages"]} == {"bn", "sw"}
-    assert "## Paired changes in held-out ASR" in report and "### MSD: after vs before" in report
+    assert "## Paired changes" in report and "### MSD: after vs before" in report
+    assert "| benign refusal % before |" in report
     assert "held-out queries never appear in training" in claims
 
 
@@ -114,7 +119,8 @@ def test_baselines_run_beside_msd_in_one_table(tiny_demo, tmp_path):
     rows = [line.strip("|").split("|") for line in report.splitlines()
             if line.startswith(("| sft |", "| dpo |", "| msd_on_policy |"))]
     assert len(rows) == 3 and all(rate.fullmatch(cell.strip()) for row in rows for cell in row[1:]), rows
-    assert set(summary["paired"]) == {"teacher prompt vs before", "MSD: after vs before", "sft vs MSD", "dpo vs MSD"}
+    assert set(summary["paired"]) == {"teacher prompt vs before", "MSD: after vs before", "sft vs MSD", "dpo vs MSD",
+                                      "XSTest benign refusal: after vs before"}
     assert "### dpo vs MSD" in report
 
 
@@ -127,7 +133,7 @@ def test_every_rate_of_the_real_demo_has_an_interval(tiny_demo, tmp_path, capsys
     terminal = capsys.readouterr().out
     printed = [line for line in terminal.splitlines() if line.startswith(("en ", "bn ", "sw "))]
     assert len(printed) == 3 and all(line.count("[") == 3 for line in printed), printed
-    assert "paired change in held-out ASR" in terminal and "  MSD: after vs before: en " in terminal
+    assert "paired changes (exact McNemar" in terminal and "  MSD: after vs before: en " in terminal
     report = (tmp_path / "out" / "report.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
             if line.startswith(("| en ", "| bn ", "| sw "))]

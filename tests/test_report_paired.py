@@ -184,3 +184,22 @@ def test_benign_plot_series_carry_intervals(tmp_path, known):
     evals, _ = load_inputs([str(p) for p in known])
     ((_, values, cis),) = plots._series(evals[:1], ["qab"], "benign_refusal", with_ci=True)
     assert values == [0.25] and cis[0][0] < 0.25 < cis[0][1]
+
+
+def test_paired_benign_refusal_counts_refusals_of_benign_queries(tmp_path):
+    from msd.report.paired import compare_runs, paired_rows
+    from msd.report.runs import load_eval_run
+
+    a = write_eval(tmp_path / "A", {}, {"en": 4})  # b0 of 4 benign refused
+    b = write_eval(tmp_path / "B", {}, {"en": 4})
+    records = rec.load_records(b)
+    for r in records:
+        if not r["harmful"]:
+            r["refused"], r["label"] = True, "refused"  # every benign query refused after
+    rec.compact(b, records)
+    cmp = compare_runs(load_eval_run(a, "A"), load_eval_run(b, "B"), outcome="benign_refusal")
+    row = cmp["languages"][0]
+    assert (row["n"], row["b"], row["c"]) == (4, 0, 3)
+    assert row["p"] == pytest.approx(scipy_stats.binomtest(0, 3, 0.5).pvalue)
+    assert row["benign_refusal_a"] == 0.25 and row["benign_refusal_b"] == 1.0
+    assert paired_rows(cmp)[0][2] == "benign refusal % A"

@@ -212,7 +212,8 @@ def samples(out: Path, langs: list[str], k: int) -> dict:
 def paired_changes(out: Path, baselines: list[str] = ()) -> dict:
     """Exact McNemar tests per language on the held-out harmful queries, Holm over the languages
     (msd.report.paired): the teacher prompt against the student prompt before training, MSD
-    (after) against before, and each baseline against MSD. name -> comparison."""
+    (after) against before, and each baseline against MSD; and benign refusal on XSTest's safe
+    prompts, after against before. name -> comparison."""
     from msd.report.paired import compare_runs
     from msd.report.runs import load_eval_run
 
@@ -224,4 +225,7 @@ def paired_changes(out: Path, baselines: list[str] = ()) -> dict:
               "MSD: after vs before": compare_runs(before, after)}
     for name in baselines:
         result[f"{name} vs MSD"] = compare_runs(after, run(out / "baselines" / name / "eval", name))
+    if (out / "before" / "xstest" / "records.jsonl").exists():
+        xs = [load_eval_run(out / stage / "xstest", label) for stage, label in (("before", "before"), ("after", "after MSD"))]
+        result["XSTest benign refusal: after vs before"] = compare_runs(*xs, outcome="benign_refusal")
     return result

@@ -167,9 +167,10 @@ def paired_section(paired: dict) -> list[str]:
 
     if not paired:
         return []
-    lines = ["", "## Paired changes in held-out ASR", "",
-             "The same held-out harmful queries under two conditions, per language: Δ with a paired "
-             "bootstrap 95% interval, the exact McNemar test, Holm over the languages of each table."]
+    lines = ["", "## Paired changes", "",
+             "The same queries under two conditions, per language (held-out ASR; XSTest: benign "
+             "refusal): Δ with a paired bootstrap 95% interval, the exact McNemar test, Holm over the "
+             "languages of each table."]
     for name, cmp in paired.items():
         lines += ["", f"### {name}", "", markdown_table(paired_rows(cmp)), "", paired_note(cmp)]
     return lines
@@ -187,7 +188,7 @@ def print_table(summary: dict) -> None:
                   f"{fmt_rate(a[c], 'asr', 'asr_ci95'):>20}"
                   f"{_pair(b[c], a[c], 'benign_refusal'):>30}{_pair(b[c], a[c], 'fidelity_all'):>30}")
     if summary.get("paired"):
-        print("\npaired change in held-out ASR (exact McNemar, Holm over languages; * significant at 5%):")
+        print("\npaired changes (exact McNemar, Holm over languages; * significant at 5%):")
         for name, cmp in summary["paired"].items():
             print(f"  {name}: " + "; ".join(
                 f"{r['lang']} {r['diff']:+.2f} (p {r['p']:.2g}, Holm {r['p_holm']:.2g}{' *' if r['significant'] else ''})"

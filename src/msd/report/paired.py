@@ -28,13 +28,27 @@ def attacked(run: EvalRun) -> dict[tuple, bool]:
             for r in M.latest(run.records) if r.get("harmful", True) and r.get("label") is not None}
 
 
-def compare_runs(a: EvalRun, b: EvalRun) -> dict:
-    """Per language: pairs, ASR of each with Wilson intervals, Δ (b − a) with a paired bootstrap
-    interval, McNemar's exact p, Holm-adjusted p and significance over the languages."""
-    xa, xb = attacked(a), attacked(b)
+def refused(run: EvalRun) -> dict[tuple, bool]:
+    """(lang, query id, sample) -> refused, for the run's judged benign records."""
+    return {(r["lang"], str(r["query_id"]), int(r.get("sample", 0))): bool(r.get("refused"))
+            for r in M.latest(run.records)
+            if not r.get("harmful", True) and r.get("label") is not None and r.get("refused") is not None}
+
+
+# outcome -> (the 0/1 outcome of each record, its name in tables, the records it reads, b/c's verb)
+OUTCOMES = {"asr": (attacked, "ASR", "harmful", "attacked"),
+            "benign_refusal": (refused, "benign refusal", "benign", "refused")}
+
+
+def compare_runs(a: EvalRun, b: EvalRun, outcome: str = "asr") -> dict:
+    """Per language: pairs, the outcome's rate in each with Wilson intervals (keys
+    `<outcome>_a`, `<outcome>_b`), Δ (b − a) with a paired bootstrap interval, McNemar's exact p,
+    Holm-adjusted p and significance over the languages. `outcome`: a key of OUTCOMES."""
+    read, _, kind, _ = OUTCOMES[outcome]
+    xa, xb = read(a), read(b)
     shared = xa.keys() & xb.keys()
     if not shared:
-        raise MsdError(f"runs {a.label!r} and {b.label!r} share no judged harmful (language, query id, "
+        raise MsdError(f"runs {a.label!r} and {b.label!r} share no judged {kind} (language, query id, "
                        "sample): nothing to pair", str(b.path))
     rows = []
     for lang in ordered_langs([a, b]):
@@ -45,12 +59,12 @@ def compare_runs(a: EvalRun, b: EvalRun) -> dict:
         n = len(keys)
         nb, nc = stats.discordant(x, y)
         boot = stats.paired_bootstrap_diff(x, y)
-        rows.append({"lang": lang, "n": n, "asr_a": sum(x) / n, "ci95_a": M.wilson(sum(x), n),
-                     "asr_b": sum(y) / n, "ci95_b": M.wilson(sum(y), n), "diff": boot["diff"],
+        rows.append({"lang": lang, "n": n, f"{outcome}_a": sum(x) / n, "ci95_a": M.wilson(sum(x), n),
+                     f"{outcome}_b": sum(y) / n, "ci95_b": M.wilson(sum(y), n), "diff": boot["diff"],
                      "ci95_diff": boot["ci95"], "b": nb, "c": nc, "p": stats.mcnemar_exact(nb, nc)})
     for row, h in zip(rows, stats.holm([r["p"] for r in rows], ALPHA)):
         row.update(p_holm=h["p_holm"], significant=h["significant"])
-    return {"a": a.label, "b": b.label, "benchmark": b.benchmark, "alpha": ALPHA,
+    return {"a": a.label, "b": b.label, "benchmark": b.benchmark, "outcome": outcome, "alpha": ALPHA,
             "pairs": len(shared), "pairs_a": len(xa), "pairs_b": len(xb),
             "bootstrap": {"B": stats.BOOTSTRAP_B, "seed": stats.BOOTSTRAP_SEED}, "languages": rows}
 
@@ -65,14 +79,15 @@ def _p(p: float) -> str:
 
 def paired_rows(cmp: dict) -> list[list[str]]:
     """The comparison as table rows (header first)."""
-    a, b = cmp["a"], cmp["b"]
-    rows = [["language", "pairs", f"ASR % {a}", f"ASR % {b}", "Δ pp [paired bootstrap 95%]",
+    a, b, key = cmp["a"], cmp["b"], cmp.get("outcome", "asr")
+    name = OUTCOMES[key][1]
+    rows = [["language", "pairs", f"{name} % {a}", f"{name} % {b}", "Δ pp [paired bootstrap 95%]",
              "b / c (discordant)", "McNemar exact p", "p Holm", f"significant (Holm, {cmp['alpha']:g})"]]
     for r in cmp["languages"]:
         lo, hi = r["ci95_diff"]
         rows.append([lang_name(r["lang"]), str(r["n"]),
-                     f"{_pct(r['asr_a'])} [{_pct(r['ci95_a'][0])}, {_pct(r['ci95_a'][1])}]",
-                     f"{_pct(r['asr_b'])} [{_pct(r['ci95_b'][0])}, {_pct(r['ci95_b'][1])}]",
+                     f"{_pct(r[key + '_a'])} [{_pct(r['ci95_a'][0])}, {_pct(r['ci95_a'][1])}]",
+                     f"{_pct(r[key + '_b'])} [{_pct(r['ci95_b'][0])}, {_pct(r['ci95_b'][1])}]",
                      f"{100 * r['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
                      f"{r['b']} / {r['c']}", _p(r["p"]), _p(r["p_holm"]),
                      "yes" if r["significant"] else "no"])
@@ -84,8 +99,9 @@ def paired_note(cmp: dict) -> str:
     kept = ("all of them" if cmp["pairs"] == cmp["pairs_a"] == cmp["pairs_b"] else
             f"the {cmp['pairs']} shared of {cmp['pairs_a']} ({cmp['a']}) and {cmp['pairs_b']} ({cmp['b']}); "
             "the others are left out")
+    verb = OUTCOMES[cmp.get("outcome", "asr")][3]
     return (f"Paired by language, query id and sample index: {cmp['pairs']} pairs ({kept}). "
-            f"b = attacked in {cmp['a']} only, c = attacked in {cmp['b']} only; McNemar's exact "
+            f"b = {verb} in {cmp['a']} only, c = {verb} in {cmp['b']} only; McNemar's exact "
             f"two-sided test on b and c; Holm over the {len(cmp['languages'])} languages; the Δ "
             f"interval is a percentile bootstrap over the pairs (B = {cmp['bootstrap']['B']}, "
             f"seed {cmp['bootstrap']['seed']}).")
