@@ -167,7 +167,8 @@ def test_real_demo_over_seeds_writes_the_seed_table_and_keeps_finished_seeds(tin
         assert [m["p"] for m in e["mcnemar_per_seed"]] == [r["p"] for r in per_seed]
         assert "p_holm" in e["change"]
     md = (out / "seeds.md").read_text()
-    assert "| bn | trained |" in md and "over seeds 0, 1" in md
+    assert "| bn | trained |" in md and "over seeds 0, 1" in md and "| XSTest safe prompts (en) |" in md
+    assert table["xstest_en"]["after"]["values"] == [summaries[s]["after"]["xstest_en"]["benign_refusal"] for s in (0, 1)]
     stamp = (out / "seed_1" / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main([*argv, "--seeds", "3"]) == 0  # one more seed: only seed 2 runs

@@ -117,6 +117,11 @@ def seed_table(runs: dict[int, dict]) -> dict:
                 entry[key] = {"before": first["before"][c].get(key),
                               "after": _spread(values, counts=_counts(runs, c, key))}
         table["per_language"][c] = entry
+    xs = [s["after"].get("xstest_en", {}).get("benign_refusal") for s in runs.values()]
+    if all(v is not None for v in xs):
+        table["xstest_en"] = {"before": first["before"]["xstest_en"].get("benign_refusal"),
+                              "after": _spread(xs, counts=[s["after"]["xstest_en"].get("n_benign") or 0
+                                                           for s in runs.values()])}
     tested = [c for c, e in table["per_language"].items() if "change" in e]
     for c, h in zip(tested, stats.holm([table["per_language"][c]["change"]["p"] for c in tested])):
         table["per_language"][c]["change"].update(p_holm=h["p_holm"], significant=h["significant"])
@@ -196,6 +201,10 @@ def markdown(table: dict) -> str:
             cells += ["–", "–"] if not f else [
                 "–" if f["before"] is None else f"{f['before']:.2f}", _ci(f["after"])]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if table.get("xstest_en"):
+        x = table["xstest_en"]
+        lines.append(f"| XSTest safe prompts (en) | – | – | "
+                     + ("–" if x["before"] is None else f"{x['before']:.2f}") + f" | {_ci(x['after'])} |")
     if table["baselines"]:
         lines += ["", "Baselines: held-out ASR, mean over the seeds that ran them [95%]; p: paired t test over "
                   "seeds against MSD on those seeds.", "",
