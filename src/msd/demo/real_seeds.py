@@ -7,7 +7,7 @@ Layout of --out:
 
 Before training and with the teacher prompt, decoding is greedy: those figures do not depend on
 the seed (the table says so when a seed's differ). After MSD, per language: each seed's held-out
-ASR, the mean over seeds with a Student t 95% interval, where the mean of 1, 3 or 5 new seeds
+ASR, the mean over seeds with a Student t 95% interval, where the mean of 1, 3, 5 or 10 new seeds
 should fall (msd.eval.stats.rerun_interval), and the change from before: its mean over seeds
 with the t interval, the two-sided one-sample t test over seeds of after − before (Holm over the
 languages), and in how many seeds that seed's exact McNemar test on the same queries was
@@ -24,9 +24,8 @@ import json
 import shutil
 from pathlib import Path
 
+from msd.demo.seedtable import fmt_p, spread
 from msd.eval import stats
-
-RERUN = (1, 3, 5)
 
 
 def run_real_seeds(name: str, out: Path, seeds: list[int], overrides=(), progress: bool = True,
@@ -77,14 +76,10 @@ def _spread(values: list[float], lo: float = 0.0, hi: float = 1.0, counts: list[
     all agree or there is one (a t interval of width 0 says nothing)."""
     from msd.eval.metrics import wilson
 
-    out = {"values": values, **stats.t_interval(values)}
+    out = spread(values, lo, hi)
     if counts and all(counts):
         n = sum(counts)
         out["pooled"] = {"n": n, "ci95": wilson(sum(v * k for v, k in zip(values, counts)), n)}
-    if out["ci95"]:
-        out["ci95"] = [max(lo, out["ci95"][0]), min(hi, out["ci95"][1])]
-    out["rerun"] = {str(m): [max(lo, r[0]), min(hi, r[1])] for m in RERUN
-                    if (r := stats.rerun_interval(values, m))}
     return out
 
 
@@ -162,10 +157,6 @@ def _ci(m: dict) -> str:
     return f"{m['mean']:.2f}"
 
 
-def _p(p: float) -> str:
-    return "<1e-4" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
-
-
 def markdown(table: dict) -> str:
     seeds = ", ".join(map(str, table["seeds"]))
     lines = [f"# msd demo --model {table['model']} over seeds {seeds}", "",
@@ -190,7 +181,7 @@ def markdown(table: dict) -> str:
             + ", ".join(f"{v:.2f}" for v in a["values"]) + f" | {_ci(a)} | "
             + (f"[{rerun[0]:.2f}, {rerun[1]:.2f}]" if rerun else "–") + " | "
             + (f"{ch['mean']:+.2f}" + (f" [{ch['ci95'][0]:+.2f}, {ch['ci95'][1]:+.2f}]" if ch.get("ci95") else "")
-               + f" | {_p(ch['p'])} ({_p(ch['p_holm'])}){' *' if ch['significant'] else ''}" if ch else "– | –")
+               + f" | {fmt_p(ch['p'])} ({fmt_p(ch['p_holm'])}){' *' if ch['significant'] else ''}" if ch else "– | –")
             + f" | {sum(m['significant'] for m in mc)} of {len(mc)} |")
     lines += ["", "| language | fidelity (all answers) before | after, mean [95%] | benign refusal before | "
               "after, mean [95%] |", "|---|---|---|---|---|"]
@@ -211,7 +202,7 @@ def markdown(table: dict) -> str:
                   "| method | seeds | " + " | ".join(table["per_language"]) + " |",
                   "|---|---|" + "---|" * len(table["per_language"])]
         for m, rows in table["baselines"].items():
-            cells = [_ci(rows[c]["asr"]) + (f", p {_p(rows[c]['vs_msd']['p'])}" if "vs_msd" in rows[c] else "")
+            cells = [_ci(rows[c]["asr"]) + (f", p {fmt_p(rows[c]['vs_msd']['p'])}" if "vs_msd" in rows[c] else "")
                      for c in table["per_language"]]
             lines.append(f"| {m} | {len(rows['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -123,7 +123,7 @@ def pooled(by_seed: dict[int, dict], column: str) -> dict:
     return {"k": sum(values), "n": len(values), "ci95": wilson(sum(values), len(values))}
 
 
-def _rerun(values: list[float], lo: float, hi: float) -> dict:
+def rerun_intervals(values: list[float], lo: float, hi: float) -> dict:
     """{m: prediction interval of the mean of m new seeds, cut to [lo, hi]} (empty under 2 values)."""
     out = {}
     for m in RERUN_SEEDS:
@@ -133,11 +133,18 @@ def _rerun(values: list[float], lo: float, hi: float) -> dict:
     return out
 
 
-def _summary(values: list[float]) -> dict:
+def spread(values: list[float], lo: float = 0.0, hi: float = 1.0) -> dict:
+    """Per-seed values, their mean with a t interval and the rerun intervals, cut to [lo, hi]
+    (a rate's interval past 0 or 1 is cut there; a difference of rates lies in [-1, 1])."""
     out = {"values": values, **stats.t_interval(values)}
-    if out["ci95"]:  # every column is a rate: a t interval past 0 or 1 is cut there
-        out["ci95"] = [max(0.0, out["ci95"][0]), min(1.0, out["ci95"][1])]
-    out["rerun"] = _rerun(values, 0.0, 1.0)
+    if out["ci95"]:
+        out["ci95"] = [max(lo, out["ci95"][0]), min(hi, out["ci95"][1])]
+    out["rerun"] = rerun_intervals(values, lo, hi)
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    out = spread(values)
     out["ci95_bootstrap"] = stats.bootstrap_mean_interval(values)["ci95"]
     return out
 
@@ -162,7 +169,7 @@ def compare(base: dict[int, dict], other: dict[int, dict], column: str) -> dict 
         x, y = [a for a, _ in pairs], [b for _, b in pairs]
         diffs = [b - a for a, b in pairs]
         out.update(test="paired t over seeds", **stats.paired_t_test(x, y),
-                   ci95=stats.t_interval(diffs)["ci95"], rerun=_rerun(diffs, -1.0, 1.0))
+                   ci95=stats.t_interval(diffs)["ci95"], rerun=rerun_intervals(diffs, -1.0, 1.0))
     else:
         boot = stats.paired_bootstrap_diff(xs, ys) if xs else {"ci95": None}
         out.update(test="exact McNemar (one seed)", diff=pairs[0][1] - pairs[0][0],
@@ -208,7 +215,8 @@ def _span(ci: list[float] | None) -> str:
     return "–" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _p(p: float) -> str:
+def fmt_p(p: float) -> str:
+    """A p-value as the seed tables show it."""
     return "<1e-4" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
 
 
@@ -237,9 +245,9 @@ def markdown(table: dict) -> str:
             ci = t["ci95"]
             mc = t.get("mcnemar")
             lines.append(f"| {name} | {title} | {len(t['seeds'])} | {t['diff']:+.3f} "
-                         + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" | {_p(t['p'])} | "
-                         f"{_p(t['p_holm'])}{' *' if t['significant'] else ''} | "
-                         + (f"{mc['b']} / {mc['c']}, {_p(mc['p'])}" if mc else "–") + " | "
+                         + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" | {fmt_p(t['p'])} | "
+                         f"{fmt_p(t['p_holm'])}{' *' if t['significant'] else ''} | "
+                         + (f"{mc['b']} / {mc['c']}, {fmt_p(mc['p'])}" if mc else "–") + " | "
                          + _span((t.get("rerun") or {}).get(str(RERUN_SHOWN))) + " |")
     return "\n".join(lines)
 
@@ -257,7 +265,7 @@ def print_table(table: dict) -> None:
              if (t := e["vs_base"].get(col)) and t["significant"]]
     print(f"\nsignificant against {table['base']} after Holm (5%):" + ("" if found else " none"))
     for name, title, t in found:
-        print(f"  {name}, {title}: Δ {t['diff']:+.3f}, p {_p(t['p'])} (Holm {_p(t['p_holm'])}; {t['test']})")
+        print(f"  {name}, {title}: Δ {t['diff']:+.3f}, p {fmt_p(t['p'])} (Holm {fmt_p(t['p_holm'])}; {t['test']})")
 
 
 def folder_table(folders: dict[str, Path], base: str, seed: int) -> dict | None:
