@@ -37,7 +37,7 @@ from msd.report import plots
 from msd.report.html import render
 from msd.report.markdown import (benign_table, render_markdown, safety_table, truncation_table,
                                  truncation_title, utility_table)
-from msd.report.paired import paired_note, paired_rows, paired_sections, provenance
+from msd.report.paired import OUTCOMES, paired_note, paired_rows, paired_sections, provenance
 from msd.report.runs import groups, load_inputs, top_tokens, warnings_for
 
 __all__ = ["add_parser", "build", "load_inputs", "safety_table", "top_tokens"]
@@ -131,7 +131,8 @@ def _print_paired(cmp: dict) -> None:
     """The paired table of one comparison on the terminal, as report.md has it."""
     rows = paired_rows(cmp)
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    print(f"\npaired change in ASR, {cmp['a']} -> {cmp['b']} ({cmp['benchmark']}, {cmp['pairs']} pairs; "
+    what = OUTCOMES[cmp.get("outcome", "asr")][1]
+    print(f"\npaired change in {what}, {cmp['a']} -> {cmp['b']} ({cmp['benchmark']}, {cmp['pairs']} pairs; "
           f"McNemar exact, Holm over {len(cmp['languages'])} languages):")
     for r in rows:
         print("  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
